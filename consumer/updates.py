@@ -1,0 +1,71 @@
+"""The outbound ``OrderUpdated`` message: state-carried, built inside the transaction."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+import orjson
+
+from consumer.state_machine import OrderState
+
+UPDATE_EVENT_TYPE: Final = "OrderUpdated"
+SNAPSHOT_CHANGE: Final = "Snapshot"
+#: Namespace for deterministic update ids: the same inbound event always yields the same
+#: ``OrderUpdated.event_id``, so a re-applied batch (after a rollback) can't mint a new one.
+_UPDATE_ID_NAMESPACE: Final = uuid.UUID("5b0c1d52-8f57-4f0e-9a52-61c1c0a3f1d7")
+
+
+def update_event_id(causation_id: uuid.UUID) -> uuid.UUID:
+    return uuid.uuid5(_UPDATE_ID_NAMESPACE, str(causation_id))
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and a ``Z``, as the contract shows."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def money_text(amount: Decimal) -> str:
+    """Plain decimal notation (``"25.00"``), never an exponent (``"1E+2"``)."""
+    return format(amount, "f")
+
+
+def build_update(
+    state: OrderState,
+    *,
+    event_id: uuid.UUID,
+    change: str,
+    causation_id: uuid.UUID | None,
+    occurred_at: datetime,
+) -> bytes:
+    """Serialise one ``OrderUpdated`` (UTF-8 JSON bytes) for ``state``."""
+    document = {
+        "event_id": str(event_id),
+        "event_type": UPDATE_EVENT_TYPE,
+        "schema_version": 1,
+        "occurred_at": format_timestamp(occurred_at),
+        "causation_id": None if causation_id is None else str(causation_id),
+        "order_id": str(state.id),
+        "order_version": state.version,
+        "change": change,
+        "order": {
+            "id": str(state.id),
+            "status": state.status.value,
+            "currency": state.currency,
+            "total": money_text(state.total),
+            "customer": {"email": state.customer_email, "name": state.customer_name},
+            "lines": [
+                {
+                    "sku": line.sku,
+                    "quantity": line.quantity,
+                    "unit_price": money_text(line.unit_price),
+                }
+                for line in state.lines
+            ],
+            "created_at": format_timestamp(state.created_at),
+            "updated_at": format_timestamp(state.updated_at),
+        },
+    }
+    return orjson.dumps(document)

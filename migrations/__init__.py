@@ -1,0 +1,1 @@
+"""Alembic migrations for orderflow (async ``env.py``); run them with ``orderflow migrate``."""

@@ -1,0 +1,275 @@
+"""The ``orderflow`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from orderflow import logs
+from orderflow.settings import Settings, SettingsError, redacted
+from orderflow.wiring import StartupError
+
+app = typer.Typer(
+    name="orderflow",
+    help=(
+        "Kafka order events -> PostgreSQL (one transaction with an outbox) -> Kafka.\n\n"
+        "Configuration comes from environment variables (DATABASE_URL, "
+        "KAFKA_BOOTSTRAP_SERVERS, ORDERFLOW_*); the flags below override them."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(
+    help="Manage the inbound, outbound and dead-letter topics.", no_args_is_help=True
+)
+app.add_typer(topics_app, name="topics")
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="PostgreSQL URL (postgresql:// or postgresql+asyncpg://). Env: DATABASE_URL.",
+        show_default=False,
+    ),
+]
+BootstrapServers = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap-servers",
+        help="Kafka host:port list, comma-separated. Env: KAFKA_BOOTSTRAP_SERVERS.",
+        show_default=False,
+    ),
+]
+Group = Annotated[
+    str | None,
+    typer.Option(
+        "--group",
+        help="Consumer group id. Env: ORDERFLOW_CONSUMER_GROUP [orderflow].",
+        show_default=False,
+    ),
+]
+InboundTopic = Annotated[
+    str | None,
+    typer.Option(
+        "--inbound-topic", help="Env: ORDERFLOW_INBOUND_TOPIC [orders.events].", show_default=False
+    ),
+]
+OutboundTopic = Annotated[
+    str | None,
+    typer.Option(
+        "--outbound-topic",
+        help="Env: ORDERFLOW_OUTBOUND_TOPIC [orders.updates].",
+        show_default=False,
+    ),
+]
+DlqTopic = Annotated[
+    str | None,
+    typer.Option(
+        "--dlq-topic", help="Env: ORDERFLOW_DLQ_TOPIC [orders.events.dlq].", show_default=False
+    ),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"orderflow: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as error:
+        fail(str(error), 2)
+
+
+def run(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a command's coroutine; known failures become one line and a non-zero exit."""
+    try:
+        asyncio.run(coroutine)
+    except SettingsError as error:
+        fail(str(error), 2)
+    except StartupError as error:
+        fail(str(error), 1)
+
+
+@app.command()
+def migrate(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> None:
+    """Bring the database schema to the newest revision (safe to run again)."""
+    logs.configure(log_level)
+    settings = load_settings(database_url=database_url)
+
+    async def main() -> None:
+        from orderflow.migrate import head_revision, upgrade_async
+        from orderflow.wiring import check_database, create_engine
+
+        engine = create_engine(settings, pool_size=1)
+        try:
+            await check_database(engine, require_schema=False)
+            await upgrade_async(engine)
+        finally:
+            await engine.dispose()
+        print(f"database {redacted(settings.require_database())} is at revision {head_revision()}")
+
+    run(main())
+
+
+@app.command()
+def consume(
+    database_url: DatabaseUrl = None,
+    bootstrap_servers: BootstrapServers = None,
+    group: Group = None,
+    inbound_topic: InboundTopic = None,
+    outbound_topic: OutboundTopic = None,
+    dlq_topic: DlqTopic = None,
+    pool_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=(
+                "Database connections, and so partitions applied at once. "
+                "Env: ORDERFLOW_DB_POOL_SIZE [8]."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most records per poll. Env: ORDERFLOW_CONSUMER_BATCH_SIZE [500].",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one consumer-group member: inbound events -> orders + outbox, one transaction per batch.
+
+    Run as many as you like (up to one per partition does work). SIGTERM or Ctrl-C
+    finishes the batch in flight and exits 0; a second signal exits at once.
+    """
+    logs.configure(log_level)
+    settings = load_settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap_servers,
+        consumer_group=group,
+        inbound_topic=inbound_topic,
+        outbound_topic=outbound_topic,
+        dlq_topic=dlq_topic,
+        db_pool_size=pool_size,
+        consumer_batch_size=batch_size,
+    )
+
+    async def main() -> None:
+        from orderflow.services import run_consumer
+        from orderflow.signals import stop_on_signals
+
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            await run_consumer(settings, stop)
+
+    run(main())
+
+
+@app.command()
+def relay(
+    database_url: DatabaseUrl = None,
+    bootstrap_servers: BootstrapServers = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Messages per publish batch. Env: ORDERFLOW_RELAY_BATCH_SIZE [500].",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one relay: publish unpublished outbox rows in order, then mark them published.
+
+    Several relays may run: each key's messages stay in order (shards owned through
+    PostgreSQL advisory locks). SIGTERM or Ctrl-C stops after the batch in flight.
+    """
+    logs.configure(log_level)
+    settings = load_settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap_servers,
+        relay_batch_size=batch_size,
+    )
+
+    async def main() -> None:
+        from orderflow.services import run_relay
+        from orderflow.signals import stop_on_signals
+
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            await run_relay(settings, stop)
+
+    run(main())
+
+
+@app.command()
+def dev(
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of each topic.")] = 3,
+    rate: Annotated[float, typer.Option(min=0.1, help="Sample events per second.")] = 20.0,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many seconds (default: run until Ctrl-C).",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run the whole system on this machine with nothing to install or configure.
+
+    Starts an embedded PostgreSQL and an embedded Kafka-protocol broker (Tansu), migrates,
+    runs consume and relay, feeds a stream of sample orders (with duplicates and poison
+    messages) and shows what flows. Ctrl-C stops everything and leaves no process behind.
+    """
+    logs.configure(log_level)
+    from orderflow.dev import run_dev
+
+    run(run_dev(partitions=partitions, rate=rate, duration=duration))
+
+
+@topics_app.command("create")
+def topics_create(
+    bootstrap_servers: BootstrapServers = None,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of each new topic.")] = 6,
+    replication_factor: Annotated[int, typer.Option(min=1, help="Replicas of each new topic.")] = 1,
+    inbound_topic: InboundTopic = None,
+    outbound_topic: OutboundTopic = None,
+    dlq_topic: DlqTopic = None,
+) -> None:
+    """Create the inbound, outbound and dead-letter topics where they don't exist."""
+    settings = load_settings(
+        kafka_bootstrap_servers=bootstrap_servers,
+        inbound_topic=inbound_topic,
+        outbound_topic=outbound_topic,
+        dlq_topic=dlq_topic,
+    )
+
+    async def main() -> None:
+        from orderflow.topics import ensure_topics
+
+        created = await ensure_topics(
+            settings, partitions=partitions, replication_factor=replication_factor
+        )
+        print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+
+    run(main())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

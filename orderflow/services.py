@@ -1,0 +1,122 @@
+"""Running ``consume`` and ``relay`` from settings: wiring, checks, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from consumer.apply import Destinations
+from consumer.intake import ConsumerConfig, OrderConsumer
+from orderflow.settings import Settings
+from orderflow.wiring import (
+    check_database,
+    create_consumer,
+    create_engine,
+    create_producer,
+    session_factory,
+    start_kafka_client,
+)
+from outbox.relay import Relay, RelayConfig
+
+log = logging.getLogger("orderflow")
+
+#: After a stop request, the most a process waits for in-flight work before giving up.
+#: Whatever is not committed by then is rolled back by the database and redone by the
+#: partition's next owner.
+SHUTDOWN_TIMEOUT_SECONDS = 30.0
+
+
+def consumer_config(settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        group_id=settings.consumer_group,
+        inbound_topic=settings.inbound_topic,
+        destinations=Destinations(
+            updates_topic=settings.outbound_topic, dead_letter_topic=settings.dlq_topic
+        ),
+        max_batch=settings.consumer_batch_size,
+        concurrency=settings.db_pool_size,
+    )
+
+
+def relay_config(settings: Settings) -> RelayConfig:
+    return RelayConfig(
+        batch_size=settings.relay_batch_size,
+        retention=timedelta(hours=settings.outbox_retention_hours),
+    )
+
+
+async def run_consumer(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    ready: Callable[[OrderConsumer], Awaitable[None] | None] | None = None,
+) -> None:
+    engine = create_engine(settings)
+    try:
+        await check_database(engine)
+        kafka = create_consumer(settings)
+        order_consumer = OrderConsumer(kafka, session_factory(engine), consumer_config(settings))
+        order_consumer.subscribe()
+        await start_kafka_client(kafka, settings)
+        try:
+            log.info("consuming %s as group %s", settings.inbound_topic, settings.consumer_group)
+            if ready is not None:
+                result = ready(order_consumer)
+                if result is not None:
+                    await result
+            await _until_stopped(order_consumer.run(stop), stop)
+        finally:
+            await kafka.stop()
+    finally:
+        await engine.dispose()
+
+
+async def run_relay(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    ready: Callable[[Relay], Awaitable[None] | None] | None = None,
+) -> None:
+    engine = create_engine(settings, pool_size=1)
+    try:
+        await check_database(engine)
+        producer = create_producer(settings)
+        await start_kafka_client(producer, settings)
+        try:
+            relay = Relay(engine, producer, relay_config(settings))
+            log.info("relaying the outbox")
+            if ready is not None:
+                result = ready(relay)
+                if result is not None:
+                    await result
+            await _until_stopped(relay.run(stop), stop)
+        finally:
+            await producer.stop()
+    finally:
+        await engine.dispose()
+
+
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run ``work``; once ``stop`` is set, give it a bounded time to finish."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=SHUTDOWN_TIMEOUT_SECONDS)
+        if not task.done():
+            log.error(
+                "in-flight work did not finish within %.0fs of the stop request; abandoning it "
+                "(the database rolls it back)",
+                SHUTDOWN_TIMEOUT_SECONDS,
+            )
+            task.cancel()
+            await asyncio.wait({task})
+            return
+        task.result()
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()

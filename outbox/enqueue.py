@@ -1,0 +1,60 @@
+"""Adding messages to the outbox through the caller's session (never commits)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox.models import OutboxRecord
+
+#: Number of ordering shards. Fixed: changing it would move keys between shards while
+#: messages of those keys may be waiting, so it is part of the stored format.
+SHARD_COUNT: Final = 64
+
+
+def shard_of(key: bytes | None) -> int:
+    """The shard of a key: stable across processes and versions (CRC-32, not ``hash``)."""
+    return 0 if key is None else zlib.crc32(key) % SHARD_COUNT
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """What to publish: destination topic, key, value bytes and text headers."""
+
+    topic: str
+    key: bytes | None
+    payload: bytes | None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+async def add_messages(session: AsyncSession, messages: Sequence[OutboxMessage]) -> None:
+    """Insert ``messages`` in the session's transaction, in the given order, in one statement.
+
+    Order matters: the relay publishes one key's messages in insertion (id) order. Callers
+    must hold a lock that serialises writers of one key (the consumer locks the order row)
+    so that id order is commit order for every key.
+    """
+    if not messages:
+        return
+    await session.execute(
+        insert(OutboxRecord),
+        [
+            {
+                "topic": message.topic,
+                "key": message.key,
+                "payload": message.payload,
+                "headers": [list(header) for header in message.headers],
+                "shard": shard_of(message.key),
+            }
+            for message in messages
+        ],
+    )
+
+
+async def add_message(session: AsyncSession, message: OutboxMessage) -> None:
+    await add_messages(session, [message])

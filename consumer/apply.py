@@ -266,7 +266,7 @@ async def _write_orders(
             set_={"name": values.excluded.name, "updated_at": values.excluded.updated_at},
         ).returning(Customer.id, Customer.email)
         rows = await session.execute(statement)
-        customer_ids = {email: customer_id for customer_id, email in rows.tuples()}
+        customer_ids = {email: customer_id for customer_id, email in rows}
 
     for order_id in {event.order_id for _, event in applied}:
         state = states[order_id]

@@ -125,6 +125,11 @@ def decode_event(key: bytes | None, value: bytes | None) -> InboundEvent:
             f"the event is {len(value)} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes"
         )
     try:
+        # The contract says UTF-8; checking the whole value also covers fields we ignore.
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MalformedJson(f"the value is not valid UTF-8 JSON: {error}") from error
+    try:
         envelope = _envelope_decoder.decode(value)
     except msgspec.ValidationError as error:
         # The typed decoder stops at the first bad field, before it has seen the whole
@@ -150,7 +155,7 @@ def decode_event(key: bytes | None, value: bytes | None) -> InboundEvent:
         raise SchemaViolation(
             "occurred_at must carry a time zone (e.g. a trailing Z) - at `$.occurred_at`"
         )
-    if key is not None and key != str(envelope.order_id).encode():
+    if key is not None and not _key_names_order(key, envelope.order_id):
         raise SchemaViolation(
             f"the message key {key[:80]!r} is not the order_id {envelope.order_id}; "
             "events must be keyed by order id to keep each order's events in order"
@@ -171,6 +176,15 @@ def decode_event(key: bytes | None, value: bytes | None) -> InboundEvent:
         order_id=envelope.order_id,
         payload=payload,
     )
+
+
+def _key_names_order(key: bytes, order_id: uuid.UUID) -> bool:
+    if key == str(order_id).encode():
+        return True
+    try:  # the same UUID written differently (upper case, braces, no dashes)
+        return uuid.UUID(key.decode("utf-8")) == order_id
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 def _require_json(value: bytes) -> None:

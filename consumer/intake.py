@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
 from consumer.errors import DeadLetterReason, OffsetConflict, RejectedEvent, SchemaViolation
 from consumer.offsets import load_offset
-from outbox.faults import Backoff, is_transient
+from outbox.faults import Backoff, is_data_error, is_transient
 
 log = logging.getLogger("orderflow.consumer")
 
@@ -194,8 +194,10 @@ class OrderConsumer:
                     self._resync(partition, conflict.stored)
                     return None
                 except Exception as error:
-                    if not is_transient(error):
+                    if is_data_error(error):
                         return await self._apply_isolated(partition, messages, stop)
+                    if not is_transient(error):
+                        raise
                     if stop.is_set():
                         log.warning(
                             "stopping with %s[%d] uncommitted after a transient fault: %s",
@@ -301,8 +303,8 @@ class OrderConsumer:
                         self.stats.retries += 1
                         await backoff.sleep(stop)
                         continue
-                    if rejected:
-                        raise  # even the dead letter can't be written: a bug, not data
+                    if rejected or not is_data_error(error):
+                        raise  # a bug, not bad data: fail loudly rather than hide events
                     log.error(
                         "database refused the event at %s[%d]@%d; dead-lettering it: %s",
                         message.topic,

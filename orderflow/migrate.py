@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
+from orderflow.settings import async_database_url
 
 
 def alembic_config(database_url: str | None = None) -> Config:
@@ -30,7 +31,8 @@ def head_revision() -> str:
 
 def upgrade(database_url: str) -> None:
     """Bring the schema to the newest revision (harmless when it is already there)."""
-    command.upgrade(alembic_config(database_url), "head")
+    url = async_database_url(database_url).render_as_string(hide_password=False)
+    command.upgrade(alembic_config(url), "head")
 
 
 async def upgrade_async(engine: AsyncEngine) -> None:

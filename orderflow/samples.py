@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -34,6 +34,7 @@ PRODUCTS = [
     ("SKU-HEADSET", Decimal("59.00")),
 ]
 CARRIERS = ["DHL", "UPS", "PostNL", "La Poste"]
+_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +78,35 @@ class SampleStream:
     payment of the wrong amount, or a shipment before payment.
     """
 
-    def __init__(self, seed: int = 7, *, open_orders: int = 20, fault_every: int = 25) -> None:
+    def __init__(
+        self,
+        seed: int = 7,
+        *,
+        open_orders: int = 20,
+        fault_every: int = 25,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """``clock`` stamps ``occurred_at``; by default a fixed start plus one second per event,
+        so that a seed gives the very same bytes every time."""
         self._random = random.Random(seed)
+        self._clock = clock
         self._open_orders = open_orders
         self._fault_every = fault_every
         self._active: list[list[SampleMessage]] = []
         self._sent: list[SampleMessage] = []
         self.count = 0
+
+    def _now(self) -> datetime:
+        if self._clock is not None:
+            return self._clock()
+        return _EPOCH + timedelta(seconds=self.count)
+
+    def _document(
+        self, event_type: str, order_id: uuid.UUID, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        return event_document(
+            event_type, order_id, payload, event_id=self._uuid(), occurred_at=self._now()
+        )
 
     def _uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self._random.getrandbits(128), version=4)
@@ -104,7 +127,7 @@ class SampleStream:
         total = sum((price * quantity for _, price, quantity in chosen), Decimal(0))
 
         def message(event_type: str, payload: dict[str, Any]) -> SampleMessage:
-            document = event_document(event_type, order_id, payload, event_id=self._uuid())
+            document = self._document(event_type, order_id, payload)
             return SampleMessage(key, encode(document), "event", order_id)
 
         steps = [
@@ -151,16 +174,16 @@ class SampleStream:
         if kind == "malformed_json":
             return SampleMessage(key, b'{"event_id": "oops", "event_type": ', kind, order_id)
         if kind == "schema_violation":
-            document = event_document("OrderPaid", order_id, {"payment_id": 42, "amount": "1.00"})
+            document = self._document("OrderPaid", order_id, {"payment_id": 42, "amount": "1.00"})
             return SampleMessage(key, encode(document), kind, order_id)
         if kind == "unknown_event_type":
-            document = event_document("OrderTeleported", order_id, {})
+            document = self._document("OrderTeleported", order_id, {})
             return SampleMessage(key, encode(document), kind, order_id)
         if kind == "unknown_order":
-            document = event_document("OrderDelivered", order_id, {})
+            document = self._document("OrderDelivered", order_id, {})
             return SampleMessage(key, encode(document), kind, order_id)
         # amount_mismatch / invalid_transition need an order that exists: a fresh one.
-        placed = event_document(
+        placed = self._document(
             "OrderPlaced",
             order_id,
             {
@@ -168,13 +191,12 @@ class SampleStream:
                 "currency": "EUR",
                 "lines": [{"sku": "SKU-CABLE", "quantity": 1, "unit_price": "7.99"}],
             },
-            event_id=self._uuid(),
         )
         self._active.append([SampleMessage(key, encode(placed), "event", order_id)])
         if kind == "amount_mismatch":
-            bad = event_document("OrderPaid", order_id, {"payment_id": "p", "amount": "1.00"})
+            bad = self._document("OrderPaid", order_id, {"payment_id": "p", "amount": "1.00"})
         else:
-            bad = event_document(
+            bad = self._document(
                 "OrderShipped", order_id, {"carrier": "UPS", "tracking_number": "T"}
             )
         self._active[-1].append(SampleMessage(key, encode(bad), kind, order_id))

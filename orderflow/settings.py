@@ -6,6 +6,7 @@ with a one-line message naming the variable.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -36,6 +37,9 @@ class Settings:
     outbox_retention_hours: float = 168.0
     #: Idempotent Kafka producer (recommended on Apache Kafka; Tansu does not support it).
     kafka_idempotence: bool = True
+    #: A group member silent for this long is declared dead and its partitions move.
+    #: (Tansu also holds every group join for half of it.)
+    kafka_session_timeout_ms: int = 10000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -53,11 +57,15 @@ class Settings:
         if env.get("ORDERFLOW_OUTBOX_RETENTION_HOURS"):
             raw = env["ORDERFLOW_OUTBOX_RETENTION_HOURS"]
             try:
-                values["outbox_retention_hours"] = float(raw)
+                hours = float(raw)
             except ValueError:
+                hours = math.nan
+            if not math.isfinite(hours) or hours <= 0:
                 raise SettingsError(
-                    f"ORDERFLOW_OUTBOX_RETENTION_HOURS must be a number of hours, got {raw!r}"
-                ) from None
+                    "ORDERFLOW_OUTBOX_RETENTION_HOURS must be a positive number of hours, "
+                    f"got {raw!r}"
+                )
+            values["outbox_retention_hours"] = hours
         if env.get("ORDERFLOW_KAFKA_IDEMPOTENCE"):
             values["kafka_idempotence"] = _boolean(
                 "ORDERFLOW_KAFKA_IDEMPOTENCE", env["ORDERFLOW_KAFKA_IDEMPOTENCE"]
@@ -80,6 +88,8 @@ class Settings:
         if not self.kafka_bootstrap_servers:
             raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set (e.g. localhost:9092)")
         servers = [s.strip() for s in self.kafka_bootstrap_servers.split(",") if s.strip()]
+        if not servers:
+            raise SettingsError("KAFKA_BOOTSTRAP_SERVERS names no server (e.g. localhost:9092)")
         for server in servers:
             host, _, port = server.rpartition(":")
             if not host or not port.isdigit():
@@ -97,6 +107,7 @@ _INTEGERS = {
     "db_pool_size": "ORDERFLOW_DB_POOL_SIZE",
     "consumer_batch_size": "ORDERFLOW_CONSUMER_BATCH_SIZE",
     "relay_batch_size": "ORDERFLOW_RELAY_BATCH_SIZE",
+    "kafka_session_timeout_ms": "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS",
 }
 
 

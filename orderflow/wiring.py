@@ -97,8 +97,8 @@ def create_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKa
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_interval_ms=300000,
-        session_timeout_ms=10000,
-        heartbeat_interval_ms=1000,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=max(100, min(3000, settings.kafka_session_timeout_ms // 5)),
         fetch_max_wait_ms=100,
         **kafka_common(settings),
     )

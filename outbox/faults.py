@@ -52,6 +52,29 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def is_data_error(error: BaseException) -> bool:
+    """True when the database refused the data itself (SQLSTATE class 22 or 23).
+
+    Only such errors may turn a message into a dead letter. Anything that is neither
+    transient nor a data error is a bug: it must stop the process loudly, not be hidden
+    in the dead-letter topic.
+    """
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DataError | sa_exc.IntegrityError):
+            return True
+        code = _sqlstate(current)
+        if code is not None and code.startswith(("22", "23")):
+            return True
+        if isinstance(current, sa_exc.StatementError):
+            current = current.orig
+        else:
+            current = current.__cause__ or current.__context__
+    return False
+
+
 class Backoff:
     """Exponential backoff with full jitter, reset after a success."""
 

@@ -1,0 +1,225 @@
+"""Shared test helpers: produce, read topics, wait with deadlines, run components, an oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from consumer.errors import RejectedEvent
+from consumer.events import decode_event
+from consumer.intake import OrderConsumer
+from consumer.models import Order, ProcessedEvent
+from consumer.state_machine import OrderState, transition
+from orderflow.services import run_consumer, run_relay
+from orderflow.settings import Settings
+from outbox.models import OutboxRecord
+from outbox.relay import Relay
+
+T = TypeVar("T")
+
+
+@dataclass
+class TestEnv:
+    """One test's private database, topics and consumer group."""
+
+    __test__ = False  # not a test class
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    def with_settings(self, **overrides: Any) -> Settings:
+        return self.settings.with_overrides(**overrides)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, within: float = 30.0, interval: float = 0.05
+) -> T:
+    """Call ``check`` until it returns without AssertionError, or fail with its last error."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(interval)
+
+
+async def produce(
+    settings: Settings,
+    messages: Iterable[tuple[bytes | None, bytes | None]],
+    topic: str | None = None,
+) -> int:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.require_kafka(),
+        enable_idempotence=settings.kafka_idempotence,
+        acks="all",
+        linger_ms=5,
+    )
+    await producer.start()
+    count = 0
+    try:
+        deliveries = []
+        for key, value in messages:
+            deliveries.append(
+                await producer.send(topic or settings.inbound_topic, value=value, key=key)
+            )
+            count += 1
+        await asyncio.gather(*deliveries)
+    finally:
+        await producer.stop()
+    return count
+
+
+async def read_topic(
+    settings: Settings, topic: str, count: int, *, within: float = 60.0, settle: float = 0.5
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """All records of ``topic`` from the beginning, once at least ``count`` arrived.
+
+    After ``count`` records it keeps reading for ``settle`` seconds, so that extra records
+    (duplicates) show up in the result instead of going unnoticed.
+    """
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.require_kafka(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        deadline = time.monotonic() + within
+        settle_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if settle_until is not None and now >= settle_until:
+                break
+            if now > deadline:
+                raise AssertionError(f"read {len(records)} records from {topic}, expected {count}")
+            batch = await consumer.getmany(timeout_ms=200)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+            if settle_until is None and len(records) >= count:
+                settle_until = time.monotonic() + settle
+    finally:
+        await consumer.stop()
+    return records
+
+
+@contextlib.asynccontextmanager
+async def running_consumer(settings: Settings) -> AsyncIterator[OrderConsumer]:
+    stop = asyncio.Event()
+    started: asyncio.Future[OrderConsumer] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_consumer(settings, stop, ready=started.set_result))
+    await _wait_started(task, started)
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=40)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
+    stop = asyncio.Event()
+    started: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_relay(settings, stop, ready=started.set_result))
+    await _wait_started(task, started)
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=40)
+
+
+async def _wait_started(task: asyncio.Task[None], started: asyncio.Future[Any]) -> None:
+    await asyncio.wait({task, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the start-up error
+        raise AssertionError("component stopped before it started")
+    assert started.done(), "component did not start within 60 s"
+
+
+async def applied_count(sessions: async_sessionmaker[AsyncSession]) -> int:
+    async with sessions() as session:
+        return int(
+            (await session.execute(select(func.count()).select_from(ProcessedEvent))).scalar_one()
+        )
+
+
+async def outbox_rows(
+    sessions: async_sessionmaker[AsyncSession], topic: str | None = None
+) -> list[OutboxRecord]:
+    async with sessions() as session:
+        statement = select(OutboxRecord).order_by(OutboxRecord.id)
+        if topic is not None:
+            statement = statement.where(OutboxRecord.topic == topic)
+        return list((await session.execute(statement)).scalars())
+
+
+async def orders_by_id(sessions: async_sessionmaker[AsyncSession]) -> dict[uuid.UUID, Order]:
+    async with sessions() as session:
+        return {order.id: order for order in (await session.execute(select(Order))).scalars()}
+
+
+def header_map(headers: Sequence[tuple[str, bytes]] | Sequence[list[str]]) -> dict[str, str]:
+    return {name: value.decode() if isinstance(value, bytes) else value for name, value in headers}
+
+
+@dataclass
+class Expected:
+    """What a correct consumer makes of a stream (computed with the pure core)."""
+
+    orders: dict[uuid.UUID, OrderState] = field(default_factory=dict)
+    applied: list[uuid.UUID] = field(default_factory=list)
+    duplicates: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    #: (order id, version) of every update, in per-order order.
+    updates: dict[uuid.UUID, list[int]] = field(default_factory=dict)
+
+
+def expected_outcome(messages: Iterable[tuple[bytes | None, bytes | None]]) -> Expected:
+    """Replay ``messages`` (in per-key order) through decode + transition: the exact end state."""
+    expected = Expected()
+    seen: set[uuid.UUID] = set()
+    now = datetime.now(UTC)
+    for key, value in messages:
+        try:
+            event = decode_event(key, value)
+        except RejectedEvent as error:
+            expected.dead_letters[error.reason.value] += 1
+            continue
+        if event.event_id in seen:
+            expected.duplicates += 1
+            continue
+        try:
+            state = transition(expected.orders.get(event.order_id), event, at=now)
+        except RejectedEvent as error:
+            expected.dead_letters[error.reason.value] += 1
+            continue
+        seen.add(event.event_id)
+        expected.orders[event.order_id] = state
+        expected.applied.append(event.event_id)
+        expected.updates.setdefault(event.order_id, []).append(state.version)
+    return expected
+
+
+def decode_json(value: bytes | None) -> dict[str, Any]:
+    assert value is not None
+    document = orjson.loads(value)
+    assert isinstance(document, dict)
+    return document

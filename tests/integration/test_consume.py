@@ -1,0 +1,296 @@
+"""The consumer on a real PostgreSQL and a real broker: transitions, rejections, duplicates,
+restarts, fencing and poison isolation."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from consumer.apply import Destinations, InboundMessage, apply_batch
+from consumer.errors import OffsetConflict
+from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
+from orderflow.samples import SampleStream
+from tests.events import cancelled, delivered, key, paid, placed, shipped
+from tests.helpers import (
+    Expected,
+    TestEnv,
+    applied_count,
+    decode_json,
+    eventually,
+    expected_outcome,
+    header_map,
+    orders_by_id,
+    outbox_rows,
+    produce,
+    running_consumer,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_applied(env: TestEnv, count: int) -> None:
+    async def check() -> None:
+        assert await applied_count(env.sessions) == count
+
+    await eventually(check)
+
+
+async def wait_outbox(env: TestEnv, count: int) -> None:
+    async def check() -> None:
+        assert len(await outbox_rows(env.sessions)) == count
+
+    await eventually(check)
+
+
+async def test_every_transition_is_applied_with_one_update_each(env: TestEnv) -> None:
+    delivered_id, cancelled_pending, cancelled_paid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    lines = [
+        {"sku": "SKU-1", "quantity": 2, "unit_price": "12.50"},
+        {"sku": "SKU-2", "quantity": 1, "unit_price": 0.1},
+    ]
+    stream = [
+        placed(delivered_id, lines=lines),
+        placed(cancelled_pending, email="grace@example.com", name="Grace"),
+        paid(delivered_id, amount="25.1"),
+        cancelled(cancelled_pending),
+        shipped(delivered_id),
+        placed(cancelled_paid, email="ada@example.com", name="Ada L."),
+        delivered(delivered_id),
+        paid(cancelled_paid),
+        cancelled(cancelled_paid),
+    ]
+    await produce(env.settings, stream)
+    async with running_consumer(env.settings):
+        await wait_applied(env, len(stream))
+
+    orders = await orders_by_id(env.sessions)
+    assert {order_id: (o.status, o.version) for order_id, o in orders.items()} == {
+        delivered_id: ("delivered", 4),
+        cancelled_pending: ("cancelled", 2),
+        cancelled_paid: ("cancelled", 3),
+    }
+    async with env.sessions() as session:
+        order = (
+            await session.execute(
+                select(Order)
+                .where(Order.id == delivered_id)
+                .options(selectinload(Order.lines), selectinload(Order.customer))
+            )
+        ).scalar_one()
+        assert order.total == Decimal("25.10")
+        assert order.currency == "EUR"
+        assert [(line.sku, line.quantity, line.unit_price) for line in order.lines] == [
+            ("SKU-1", 2, Decimal("12.50")),
+            ("SKU-2", 1, Decimal("0.1")),
+        ]
+        customers = list(
+            (await session.execute(select(Customer).order_by(Customer.email))).scalars()
+        )
+        # Upserted by email: one customer, whichever of the two names was applied last
+        # (the two orders may sit on different partitions).
+        assert [c.email for c in customers] == ["ada@example.com", "grace@example.com"]
+        assert customers[0].name in {"Ada", "Ada L."}
+        orders_of = {o.id: o.customer_id for o in (await session.execute(select(Order))).scalars()}
+        assert orders_of[delivered_id] == orders_of[cancelled_paid] == customers[0].id
+
+    updates = await outbox_rows(env.sessions, env.settings.outbound_topic)
+    assert len(updates) == len(stream)
+    versions: dict[str, list[int]] = {}
+    for row in updates:
+        document = decode_json(row.payload)
+        versions.setdefault(document["order_id"], []).append(document["order_version"])
+        assert row.key == document["order_id"].encode()
+    assert versions == {
+        str(delivered_id): [1, 2, 3, 4],
+        str(cancelled_pending): [1, 2],
+        str(cancelled_paid): [1, 2, 3],
+    }
+    assert await outbox_rows(env.sessions, env.settings.dlq_topic) == []
+
+
+REJECTIONS = [
+    ("malformed_json", lambda o: (key(o), b'{"event_id": "x", ')),
+    ("malformed_json", lambda o: (key(o), b"\xff\xfe not utf-8")),
+    ("schema_violation", lambda o: paid(o, amount="-5")),
+    (
+        "schema_violation",
+        lambda o: placed(o, lines=[{"sku": "S", "quantity": 0, "unit_price": "1"}]),
+    ),
+    ("schema_violation", lambda o: (key(o), b'{"event_type": "OrderPaid"}')),
+    ("unknown_event_type", lambda o: (key(o), placed(o)[1].replace(b"OrderPlaced", b"OrderLost"))),
+    ("unknown_order", lambda o: shipped(uuid.uuid4())),
+    ("duplicate_order", lambda o: placed(o)),
+    ("invalid_transition", lambda o: shipped(o)),
+    ("amount_mismatch", lambda o: paid(o, amount="24.99")),
+]
+
+
+async def test_every_rejection_reason_is_dead_lettered_and_consumption_goes_on(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    poison = [make(order_id) for _, make in REJECTIONS]
+    stream = [placed(order_id), *poison, paid(order_id)]
+    await produce(env.settings, stream)
+    async with running_consumer(env.settings) as consumer:
+        await wait_outbox(env, 2 + len(poison))
+        assert consumer.stats.dead_letters == Counter(
+            {reason: sum(1 for r, _ in REJECTIONS if r == reason) for reason, _ in REJECTIONS}
+        )
+
+    # The order moved on past the poison: placed, then paid.
+    orders = await orders_by_id(env.sessions)
+    assert (orders[order_id].status, orders[order_id].version) == ("paid", 2)
+    dead_letters = await outbox_rows(env.sessions, env.settings.dlq_topic)
+    assert len(dead_letters) == len(poison)
+    expected_reason = {
+        value: reason for (reason, _), (_, value) in zip(REJECTIONS, poison, strict=True)
+    }
+    original_key = dict((value, k) for k, value in poison)
+    positions: dict[str, list[int]] = {}
+    for row in dead_letters:
+        headers = header_map(row.headers)
+        assert row.payload in expected_reason  # the original bytes, untouched
+        assert headers["error.reason"] == expected_reason[row.payload]
+        assert row.key == original_key[row.payload]
+        assert headers["error.message"]
+        assert headers["source.topic"] == env.settings.inbound_topic
+        positions.setdefault(headers["source.partition"], []).append(int(headers["source.offset"]))
+    assert all(offsets == sorted(offsets) for offsets in positions.values())
+    # Rejected events leave no trace in the inbox.
+    assert await applied_count(env.sessions) == 2
+
+
+async def test_a_duplicate_in_the_stream_and_a_replay_after_commit_are_skipped(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    first, payment = placed(order_id), paid(order_id)
+    await produce(env.settings, [first, first, payment])
+    async with running_consumer(env.settings) as consumer:
+        await wait_outbox(env, 2)
+        assert consumer.stats.duplicates == 1
+        # Replayed long after it was committed: skipped, counted, not dead-lettered.
+        await produce(env.settings, [payment, first])
+
+        async def both_skipped() -> None:
+            assert consumer.stats.duplicates == 3
+
+        await eventually(both_skipped)
+        assert sum(consumer.stats.dead_letters.values()) == 0
+    orders = await orders_by_id(env.sessions)
+    assert (orders[order_id].status, orders[order_id].version) == ("paid", 2)
+    assert len(await outbox_rows(env.sessions)) == 2
+    assert await applied_count(env.sessions) == 2
+
+
+async def test_restart_mid_stream_resumes_without_loss_or_double_effects(env: TestEnv) -> None:
+    stream = SampleStream(seed=11, fault_every=9)
+    messages = [(m.key, m.value) for m in (next(stream) for _ in range(600))]
+    expected = expected_outcome(messages)
+    settings = env.with_settings(consumer_batch_size=20)
+    await produce(env.settings, messages)
+
+    for _ in range(3):  # stop after a few batches, each time somewhere else in the stream
+        async with running_consumer(settings) as consumer:
+
+            async def some_batches(consumer=consumer) -> None:
+                assert consumer.stats.batches >= 3
+
+            await eventually(some_batches)
+    assert await applied_count(env.sessions) < len(expected.applied), "stopped too late"
+    async with running_consumer(settings):
+        await wait_applied(env, len(expected.applied))
+        await wait_outbox(env, len(expected.applied) + sum(expected.dead_letters.values()))
+
+    await assert_end_state(env, expected)
+
+
+async def assert_end_state(env: TestEnv, expected: Expected) -> None:
+    orders = await orders_by_id(env.sessions)
+    assert {
+        order_id: (order.status, order.total, order.version) for order_id, order in orders.items()
+    } == {
+        order_id: (state.status.value, state.total, state.version)
+        for order_id, state in expected.orders.items()
+    }
+    async with env.sessions() as session:
+        processed = set((await session.execute(select(ProcessedEvent.event_id))).scalars())
+    assert processed == set(expected.applied)
+    updates: dict[str, list[int]] = {}
+    for row in await outbox_rows(env.sessions, env.settings.outbound_topic):
+        document = decode_json(row.payload)
+        updates.setdefault(document["order_id"], []).append(document["order_version"])
+    assert updates == {str(k): v for k, v in expected.updates.items()}
+    reasons = Counter(
+        header_map(row.headers)["error.reason"]
+        for row in await outbox_rows(env.sessions, env.settings.dlq_topic)
+    )
+    assert reasons == expected.dead_letters
+
+
+async def test_a_fenced_consumer_cannot_commit_over_the_new_owner(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    topic = env.settings.inbound_topic
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    first = InboundMessage(topic, 0, 0, *placed(order_id))
+    second = InboundMessage(topic, 0, 1, *paid(order_id))
+    now = datetime.now(UTC)
+
+    owner = await apply_batch(
+        env.sessions,
+        group_id="g",
+        destinations=destinations,
+        messages=[first],
+        expected_offset=None,
+        now=now,
+    )
+    assert owner.next_offset == 1
+    # A zombie that still believes the partition is new, and one that is behind.
+    for stale in (None, 0):
+        with pytest.raises(OffsetConflict) as conflict:
+            await apply_batch(
+                env.sessions,
+                group_id="g",
+                destinations=destinations,
+                messages=[first, second],
+                expected_offset=stale,
+                now=now,
+            )
+        assert conflict.value.stored == 1
+    async with env.sessions() as session:
+        stored = (await session.execute(select(ConsumerOffset.next_offset))).scalar_one()
+    assert stored == 1
+    assert await applied_count(env.sessions) == 1
+    assert len(await outbox_rows(env.sessions)) == 1
+
+
+async def test_a_message_the_database_refuses_is_isolated_and_its_neighbours_applied_once(
+    env: TestEnv,
+) -> None:
+    before, refused, after = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    # PostgreSQL text can't hold NUL: valid JSON, refused by the database itself.
+    nul_line = [{"sku": "SKU-\u0000", "quantity": 1, "unit_price": "1.00"}]
+    stream = [placed(before), placed(refused, lines=nul_line), placed(after), paid(before)]
+    await produce(env.settings, stream)
+    async with running_consumer(env.settings) as consumer:
+        await wait_outbox(env, len(stream))
+
+        async def counted() -> None:
+            assert consumer.stats.dead_letters["schema_violation"] == 1
+
+        await eventually(counted)
+    orders = await orders_by_id(env.sessions)
+    assert set(orders) == {before, after}
+    assert orders[before].version == 2
+    dead = await outbox_rows(env.sessions, env.settings.dlq_topic)
+    assert [header_map(r.headers)["error.reason"] for r in dead] == ["schema_violation"]
+    assert "database refused" in header_map(dead[0].headers)["error.message"]
+    assert dead[0].payload == stream[1][1]
+    assert await applied_count(env.sessions) == 3

@@ -49,28 +49,32 @@ Group = Annotated[
     str | None,
     typer.Option(
         "--group",
-        help="Consumer group id. Env: ORDERFLOW_CONSUMER_GROUP [orderflow].",
+        help="Consumer group id. Env: ORDERFLOW_CONSUMER_GROUP (default: orderflow).",
         show_default=False,
     ),
 ]
 InboundTopic = Annotated[
     str | None,
     typer.Option(
-        "--inbound-topic", help="Env: ORDERFLOW_INBOUND_TOPIC [orders.events].", show_default=False
+        "--inbound-topic",
+        help="Env: ORDERFLOW_INBOUND_TOPIC (default: orders.events).",
+        show_default=False,
     ),
 ]
 OutboundTopic = Annotated[
     str | None,
     typer.Option(
         "--outbound-topic",
-        help="Env: ORDERFLOW_OUTBOUND_TOPIC [orders.updates].",
+        help="Env: ORDERFLOW_OUTBOUND_TOPIC (default: orders.updates).",
         show_default=False,
     ),
 ]
 DlqTopic = Annotated[
     str | None,
     typer.Option(
-        "--dlq-topic", help="Env: ORDERFLOW_DLQ_TOPIC [orders.events.dlq].", show_default=False
+        "--dlq-topic",
+        help="Env: ORDERFLOW_DLQ_TOPIC (default: orders.events.dlq).",
+        show_default=False,
     ),
 ]
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
@@ -133,7 +137,7 @@ def consume(
             min=1,
             help=(
                 "Database connections, and so partitions applied at once. "
-                "Env: ORDERFLOW_DB_POOL_SIZE [8]."
+                "Env: ORDERFLOW_DB_POOL_SIZE (default: 8)."
             ),
             show_default=False,
         ),
@@ -142,7 +146,7 @@ def consume(
         int | None,
         typer.Option(
             min=1,
-            help="Most records per poll. Env: ORDERFLOW_CONSUMER_BATCH_SIZE [500].",
+            help="Most records per poll. Env: ORDERFLOW_CONSUMER_BATCH_SIZE (default: 500).",
             show_default=False,
         ),
     ] = None,
@@ -184,7 +188,7 @@ def relay(
         int | None,
         typer.Option(
             min=1,
-            help="Messages per publish batch. Env: ORDERFLOW_RELAY_BATCH_SIZE [500].",
+            help="Messages per publish batch. Env: ORDERFLOW_RELAY_BATCH_SIZE (default: 500).",
             show_default=False,
         ),
     ] = None,

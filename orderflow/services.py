@@ -53,6 +53,7 @@ async def run_consumer(
     *,
     ready: Callable[[OrderConsumer], Awaitable[None] | None] | None = None,
 ) -> None:
+    settings.require_kafka()  # every setting is checked before any service is contacted
     engine = create_engine(settings)
     try:
         await check_database(engine)
@@ -79,6 +80,7 @@ async def run_relay(
     *,
     ready: Callable[[Relay], Awaitable[None] | None] | None = None,
 ) -> None:
+    settings.require_kafka()
     engine = create_engine(settings, pool_size=1)
     try:
         await check_database(engine)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Any
 
@@ -117,6 +118,10 @@ def create_producer(settings: Settings) -> AIOKafkaProducer:
 async def start_kafka_client(
     client: AIOKafkaConsumer | AIOKafkaProducer, settings: Settings
 ) -> None:
+    # aiokafka logs its own error before raising; at start-up ours is the one line to show.
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
     try:
         await client.start()
     except (KafkaError, OSError) as error:
@@ -125,6 +130,8 @@ async def start_kafka_client(
         raise StartupError(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {_reason(error)}"
         ) from error
+    finally:
+        kafka_log.setLevel(level)
 
 
 def _reason(error: BaseException) -> str:

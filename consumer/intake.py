@@ -86,6 +86,13 @@ class _Offsets(ConsumerRebalanceListener):  # type: ignore[misc]
             self.known.pop(partition, None)
 
 
+class _Abandon(Exception):
+    """Drop the rest of a partition's fetched records: it was sought elsewhere, or we stop.
+
+    Nothing is lost: the partition's next fetch starts at the stored offset.
+    """
+
+
 def _inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
     return InboundMessage(
         topic=record.topic,
@@ -149,7 +156,10 @@ class OrderConsumer:
     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
         fetch = asyncio.ensure_future(
             self._consumer.getmany(
-                timeout_ms=self._config.poll_timeout_ms, max_records=self._config.max_batch
+                timeout_ms=self._config.poll_timeout_ms,
+                # Room for a full batch per partition; each partition's share is cut into
+                # transactions of at most max_batch records.
+                max_records=self._config.max_batch * max(1, len(self._consumer.assignment())),
             )
         )
         stopped = asyncio.ensure_future(stop.wait())
@@ -182,17 +192,35 @@ class OrderConsumer:
     async def _process_partition(
         self, partition: TopicPartition, messages: Sequence[InboundMessage], stop: asyncio.Event
     ) -> int | None:
-        """Apply one partition's records; return the new stored offset (None: nothing committed)."""
+        """Apply one partition's records, in transactions of at most ``max_batch`` records.
+
+        Returns the new stored offset, or None if nothing was committed.
+        """
+        position: int | None = None
+        size = self._config.max_batch
+        try:
+            for start in range(0, len(messages), size):
+                chunk = messages[start : start + size]
+                position = await self._process_batch(partition, chunk, stop) or position
+        except _Abandon:
+            pass  # the partition was sought elsewhere (or we are stopping): drop the rest
+        return position
+
+    async def _process_batch(
+        self, partition: TopicPartition, messages: Sequence[InboundMessage], stop: asyncio.Event
+    ) -> int | None:
         async with self._slots:
             backoff = Backoff()
             while True:
                 try:
                     return await self._apply(partition, messages)
+                except _Abandon:
+                    raise
                 except OffsetConflict as conflict:
                     self.stats.fenced += 1
                     log.warning("%s; re-reading it from the database", conflict)
                     self._resync(partition, conflict.stored)
-                    return None
+                    raise _Abandon from conflict
                 except Exception as error:
                     if is_data_error(error):
                         return await self._apply_isolated(partition, messages, stop)
@@ -205,7 +233,7 @@ class OrderConsumer:
                             partition.partition,
                             error,
                         )
-                        return None
+                        raise _Abandon from error
                     self.stats.retries += 1
                     log.warning(
                         "transient fault applying %s[%d] at offset %d, retrying: %s",
@@ -250,7 +278,7 @@ class OrderConsumer:
     ) -> int | None:
         ready, expected = await self._known_offset(partition, messages[0].offset)
         if not ready:
-            return None
+            raise _Abandon  # sought to the stored offset: these records come again
         # Records below the stored offset were applied already (a re-fetch after a seek).
         pending = [m for m in messages if expected is None or m.offset >= expected]
         if not pending:
@@ -292,14 +320,16 @@ class OrderConsumer:
                 try:
                     position = await self._apply(partition, [message], rejected) or position
                     break
+                except _Abandon:
+                    raise
                 except OffsetConflict as conflict:
                     self.stats.fenced += 1
                     self._resync(partition, conflict.stored)
-                    return position
+                    raise _Abandon from conflict
                 except Exception as error:
                     if is_transient(error):
                         if stop.is_set():
-                            return position
+                            raise _Abandon from error
                         self.stats.retries += 1
                         await backoff.sleep(stop)
                         continue

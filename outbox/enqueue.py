@@ -5,12 +5,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
-from sqlalchemy import insert
+import orjson
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from outbox.bulk import insert_rows
 from outbox.models import OutboxRecord
+
+_COLUMNS: Final = ("topic", "key", "payload", "headers", "shard")
 
 #: Number of ordering shards. Fixed: changing it would move keys between shards while
 #: messages of those keys may be waiting, so it is part of the stored format.
@@ -39,18 +43,18 @@ async def add_messages(session: AsyncSession, messages: Sequence[OutboxMessage])
     must hold a lock that serialises writers of one key (the consumer locks the order row)
     so that id order is commit order for every key.
     """
-    if not messages:
-        return
-    await session.execute(
-        insert(OutboxRecord),
+    await insert_rows(
+        session,
+        cast(Table, OutboxRecord.__table__),
+        _COLUMNS,
         [
-            {
-                "topic": message.topic,
-                "key": message.key,
-                "payload": message.payload,
-                "headers": [list(header) for header in message.headers],
-                "shard": shard_of(message.key),
-            }
+            (
+                message.topic,
+                message.key,
+                message.payload,
+                orjson.dumps(message.headers).decode(),
+                shard_of(message.key),
+            )
             for message in messages
         ],
     )

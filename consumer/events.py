@@ -198,15 +198,29 @@ def _payload_path(error: msgspec.ValidationError) -> str:
     return str(error).replace("`$", "`$.payload")
 
 
+_MONEY_LIMIT: Final = Decimal(10) ** MONEY_MAX_INTEGER_DIGITS
+
+
 def _check_money(payload: Payload) -> None:
     if isinstance(payload, OrderPlaced):
         for index, line in enumerate(payload.lines):
-            _check_amount(line.unit_price, f"$.payload.lines[{index}].unit_price")
-    elif isinstance(payload, OrderPaid):
+            if not _valid_amount(line.unit_price):
+                _check_amount(line.unit_price, f"$.payload.lines[{index}].unit_price")
+    elif isinstance(payload, OrderPaid) and not _valid_amount(payload.amount):
         _check_amount(payload.amount, "$.payload.amount")
 
 
+def _valid_amount(amount: Decimal) -> bool:
+    """The fast path: True for every amount that ``_check_amount`` accepts."""
+    return (
+        amount.is_finite()
+        and 0 <= amount < _MONEY_LIMIT
+        and amount.as_tuple().exponent >= -MONEY_MAX_SCALE  # type: ignore[operator]
+    )
+
+
 def _check_amount(amount: Decimal, path: str) -> None:
+    """Raise the ``SchemaViolation`` that says what is wrong with ``amount``."""
     if not amount.is_finite():
         raise SchemaViolation(f"a money amount must be a finite number, got {amount} - at `{path}`")
     if amount < 0:
@@ -218,7 +232,7 @@ def _check_amount(amount: Decimal, path: str) -> None:
             f"a money amount has at most {MONEY_MAX_SCALE} decimal places, "
             f"got {amount} - at `{path}`"
         )
-    if amount >= Decimal(10) ** MONEY_MAX_INTEGER_DIGITS:
+    if amount >= _MONEY_LIMIT:
         raise SchemaViolation(
             f"a money amount must be below 10^{MONEY_MAX_INTEGER_DIGITS}, "
             f"got {amount} - at `{path}`"

@@ -1,27 +1,29 @@
 """The consume loop: aiokafka group member, offsets from the database, retries, clean stop.
 
-Kafka delivers at least once; the database makes it exactly once. Each partition's fetched
-records are applied as one transaction (see :mod:`consumer.apply`), partitions run
-concurrently (bounded by the connection pool), and each partition stays strictly in
-offset order because its next batch starts only after the previous one committed.
+Kafka delivers at least once; the database makes it exactly once. One fetch loop feeds a
+*lane* per partition; each lane applies its partition's records in transactions of at most
+``max_batch`` records (see :mod:`consumer.apply`), strictly in offset order, while lanes of
+different partitions run concurrently (bounded by the connection pool). A lane whose
+backlog grows pauses its partition's fetching, so memory stays bounded.
 
-Offsets: the database holds the truth. After an assignment the first batch of a partition
-re-reads the stored offset and, if the fetch started elsewhere, seeks there. The Kafka
-commit that follows each database commit exists for lag tools only.
+Offsets: the database holds the truth. After an assignment (or a fence) a lane re-reads
+the stored offset and seeks there. The Kafka commit that follows database commits runs in
+the background and exists for lag tools only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +41,7 @@ class ConsumerConfig:
     group_id: str
     inbound_topic: str
     destinations: Destinations
-    #: Most records fetched per poll, across partitions (each partition's share is one transaction).
+    #: Most records per transaction (one partition's records, in offset order).
     max_batch: int = 500
     #: Partitions applied at once; keep it at or below the database pool size.
     concurrency: int = 8
@@ -64,28 +66,6 @@ class ConsumerStats:
         self.dead_letters.update(outcome.dead_letters)
 
 
-class _Offsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """What this member knows of its partitions' stored offsets.
-
-    A partition missing from ``known`` must be re-read from the database before its next
-    batch. Revocation waits for the batch in flight, so a partition is normally handed
-    over at a batch boundary; the compare-and-set in the database covers the rest.
-    """
-
-    def __init__(self, processing: asyncio.Lock) -> None:
-        self.known: dict[TopicPartition, int | None] = {}
-        self._processing = processing
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self._processing:
-            for partition in revoked:
-                self.known.pop(partition, None)
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        for partition in assigned:
-            self.known.pop(partition, None)
-
-
 class _Abandon(Exception):
     """Drop the rest of a partition's fetched records: it was sought elsewhere, or we stop.
 
@@ -103,6 +83,39 @@ def _inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
     )
 
 
+class _Lane:
+    """One partition's fetched records, waiting for that partition's worker."""
+
+    def __init__(self, partition: TopicPartition) -> None:
+        self.partition = partition
+        self.records: deque[InboundMessage] = deque()
+        self.arrived = asyncio.Event()
+        self.closed = False
+        self.paused = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.task: asyncio.Task[None] | None = None
+
+    def take(self, limit: int) -> list[InboundMessage]:
+        count = min(limit, len(self.records))
+        return [self.records.popleft() for _ in range(count)]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands partitions over at batch boundaries: a revoked partition's lane finishes the
+    batch in flight and closes before the rebalance goes on. (The compare-and-set on the
+    stored offset covers a member that misses the rebalance altogether.)"""
+
+    def __init__(self, owner: OrderConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._owner.close_lanes(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._owner.forget_offsets(assigned)
+
+
 class OrderConsumer:
     """Runs one consumer-group member until ``stop`` is set."""
 
@@ -118,38 +131,94 @@ class OrderConsumer:
         self._sessions = session_factory
         self._config = config
         self._clock = clock
-        self._processing = asyncio.Lock()
-        self._offsets = _Offsets(self._processing)
+        self._listener = _Rebalance(self)
         self._slots = asyncio.Semaphore(config.concurrency)
+        #: The stored next offset of each partition as this member knows it; a partition
+        #: missing here is re-read from the database before its next batch.
+        self._known: dict[TopicPartition, int | None] = {}
+        #: Partitions just sought: their next fetch may start past the stored offset
+        #: (compacted or transactional topics leave offset gaps).
+        self._sought: set[TopicPartition] = set()
+        self._lanes: dict[TopicPartition, _Lane] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._commit_task: asyncio.Task[None] | None = None
         self.stats = ConsumerStats()
 
-    @property
-    def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return self._offsets
-
     def subscribe(self) -> None:
-        self._consumer.subscribe([self._config.inbound_topic], listener=self._offsets)
+        self._consumer.subscribe([self._config.inbound_topic], listener=self._listener)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll, apply, commit; return once ``stop`` is set and the batch in flight is done."""
-        while not stop.is_set():
-            batches = await self._poll(stop)
-            if not batches:
+        """Fetch and apply until ``stop`` is set; each lane finishes its batch in flight."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                while not stop.is_set():
+                    for partition, records in (await self._poll(stop)).items():
+                        self._feed(partition, records, stop)
+                for lane in self._lanes.values():
+                    lane.arrived.set()  # wake idle lanes: they see stop and return
+        finally:
+            self._group = None
+            if self._commit_task is not None:
+                await asyncio.wait({self._commit_task})
+
+    def _feed(
+        self,
+        partition: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        stop: asyncio.Event,
+    ) -> None:
+        lane = self._lanes.get(partition)
+        if lane is None or lane.closed:
+            assert self._group is not None
+            lane = _Lane(partition)
+            self._lanes[partition] = lane
+            lane.task = self._group.create_task(self._work(lane, stop))
+        lane.records.extend(_inbound(record) for record in records)
+        lane.arrived.set()
+        if len(lane.records) >= 2 * self._config.max_batch and not lane.paused:
+            with contextlib.suppress(IllegalStateError):
+                self._consumer.pause(partition)
+                lane.paused = True
+
+    async def _work(self, lane: _Lane, stop: asyncio.Event) -> None:
+        """A partition's worker: its records, in order, one transaction per chunk."""
+        while not stop.is_set() and not lane.closed:
+            if not lane.records:
+                lane.arrived.clear()
+                await lane.arrived.wait()
                 continue
-            async with self._processing:
-                positions = await asyncio.gather(
-                    *(
-                        self._process_partition(partition, [_inbound(r) for r in records], stop)
-                        for partition, records in batches.items()
-                    )
-                )
-            await self._commit_to_kafka(
-                {
-                    partition: position
-                    for partition, position in zip(batches, positions, strict=True)
-                    if position is not None
-                }
-            )
+            lane.idle.clear()
+            try:
+                chunk = lane.take(self._config.max_batch)
+                position = await self._process_batch(lane.partition, chunk, stop)
+                if position is not None:
+                    self._commit_to_kafka_soon({lane.partition: position})
+            except _Abandon:
+                lane.records.clear()  # they are fetched again from where we sought
+            finally:
+                lane.idle.set()
+            if lane.paused and len(lane.records) < self._config.max_batch:
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.resume(lane.partition)
+                lane.paused = False
+
+    async def close_lanes(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop the lanes of ``partitions`` once their batch in flight is done."""
+        closing = [lane for p in partitions if (lane := self._lanes.pop(p, None)) is not None]
+        for lane in closing:
+            lane.closed = True
+            lane.records.clear()
+            lane.arrived.set()
+        for lane in closing:
+            await lane.idle.wait()
+        self.forget_offsets(partitions)
+
+    def forget_offsets(self, partitions: Iterable[TopicPartition]) -> None:
+        for partition in partitions:
+            self._known.pop(partition, None)
+            self._sought.discard(partition)
 
     async def _poll(
         self, stop: asyncio.Event
@@ -157,8 +226,6 @@ class OrderConsumer:
         fetch = asyncio.ensure_future(
             self._consumer.getmany(
                 timeout_ms=self._config.poll_timeout_ms,
-                # Room for a full batch per partition; each partition's share is cut into
-                # transactions of at most max_batch records.
                 max_records=self._config.max_batch * max(1, len(self._consumer.assignment())),
             )
         )
@@ -175,36 +242,26 @@ class OrderConsumer:
         records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = fetch.result()
         return records
 
-    async def _commit_to_kafka(self, positions: dict[TopicPartition, int]) -> None:
-        if not positions:
-            return
-        try:
-            await self._consumer.commit(
-                {
-                    partition: OffsetAndMetadata(offset, "")
-                    for partition, offset in positions.items()
-                }
-            )
-        except KafkaError as error:
-            # The database holds the offsets; Kafka's copy only feeds lag tools.
-            log.debug("kafka offset commit skipped: %s", error)
+    def _commit_to_kafka_soon(self, positions: dict[TopicPartition, int]) -> None:
+        """Commit to Kafka in the background: its copy of the offsets only feeds lag tools,
+        so the next batch need not wait for the broker's answer."""
+        self._to_commit.update(positions)
+        if self._to_commit and (self._commit_task is None or self._commit_task.done()):
+            self._commit_task = asyncio.create_task(self._flush_commits())
 
-    async def _process_partition(
-        self, partition: TopicPartition, messages: Sequence[InboundMessage], stop: asyncio.Event
-    ) -> int | None:
-        """Apply one partition's records, in transactions of at most ``max_batch`` records.
-
-        Returns the new stored offset, or None if nothing was committed.
-        """
-        position: int | None = None
-        size = self._config.max_batch
-        try:
-            for start in range(0, len(messages), size):
-                chunk = messages[start : start + size]
-                position = await self._process_batch(partition, chunk, stop) or position
-        except _Abandon:
-            pass  # the partition was sought elsewhere (or we are stopping): drop the rest
-        return position
+    async def _flush_commits(self) -> None:
+        while self._to_commit:
+            positions, self._to_commit = self._to_commit, {}
+            try:
+                await self._consumer.commit(
+                    {
+                        partition: OffsetAndMetadata(offset, "")
+                        for partition, offset in positions.items()
+                    }
+                )
+            except KafkaError as error:
+                # The database holds the offsets; Kafka's copy only feeds lag tools.
+                log.debug("kafka offset commit skipped: %s", error)
 
     async def _process_batch(
         self, partition: TopicPartition, messages: Sequence[InboundMessage], stop: asyncio.Event
@@ -245,19 +302,36 @@ class OrderConsumer:
                     await backoff.sleep(stop)
 
     def _resync(self, partition: TopicPartition, stored: int | None) -> None:
-        self._offsets.known[partition] = stored
+        self._known[partition] = stored
         if stored is not None:
-            self._consumer.seek(partition, stored)
+            self._seek(partition, stored)
+
+    def _seek(self, partition: TopicPartition, offset: int) -> None:
+        self._consumer.seek(partition, offset)
+        self._sought.add(partition)
 
     async def _known_offset(self, partition: TopicPartition, first: int) -> tuple[bool, int | None]:
         """(ready, expected): load the stored offset on first use and seek there if needed."""
-        if partition in self._offsets.known:
-            return True, self._offsets.known[partition]
+        if partition in self._known:
+            expected = self._known[partition]
+            if expected is not None and first > expected and partition not in self._sought:
+                # The fetch skipped ahead of what is stored: go back (a gap after a seek
+                # is legitimate, e.g. a transaction marker; one before it is not).
+                log.info(
+                    "seeking %s[%d] back to stored offset %d (fetch is at %d)",
+                    partition.topic,
+                    partition.partition,
+                    expected,
+                    first,
+                )
+                self._seek(partition, expected)
+                return False, expected
+            return True, expected
         async with self._sessions() as session:
             stored = await load_offset(
                 session, self._config.group_id, partition.topic, partition.partition
             )
-        self._offsets.known[partition] = stored
+        self._known[partition] = stored
         if stored is not None and first != stored:
             log.info(
                 "seeking %s[%d] to stored offset %d (fetch started at %d)",
@@ -266,7 +340,7 @@ class OrderConsumer:
                 stored,
                 first,
             )
-            self._consumer.seek(partition, stored)
+            self._seek(partition, stored)
             return False, stored
         return True, stored
 
@@ -292,7 +366,8 @@ class OrderConsumer:
             now=self._clock(),
             rejected=rejected,
         )
-        self._offsets.known[partition] = outcome.next_offset
+        self._known[partition] = outcome.next_offset
+        self._sought.discard(partition)
         self.stats.add(outcome)
         log.info(
             "batch applied",
@@ -355,20 +430,3 @@ def _one_line(error: BaseException) -> str:
         error = error.orig
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-async def run_until_stopped(
-    consumer: AIOKafkaConsumer,
-    order_consumer: OrderConsumer,
-    stop: asyncio.Event,
-    on_started: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Start the Kafka client, run, and always stop it (it leaves the group cleanly)."""
-    order_consumer.subscribe()
-    await consumer.start()
-    try:
-        if on_started is not None:
-            await on_started()
-        await order_consumer.run(stop)
-    finally:
-        await consumer.stop()

@@ -14,13 +14,17 @@ from consumer.state_machine import OrderState
 
 UPDATE_EVENT_TYPE: Final = "OrderUpdated"
 SNAPSHOT_CHANGE: Final = "Snapshot"
-#: Namespace for deterministic update ids: the same inbound event always yields the same
-#: ``OrderUpdated.event_id``, so a re-applied batch (after a rollback) can't mint a new one.
-_UPDATE_ID_NAMESPACE: Final = uuid.UUID("5b0c1d52-8f57-4f0e-9a52-61c1c0a3f1d7")
+#: Mixed into the causing event's id to derive the update's id (it keeps the RFC 4122
+#: variant bits as they are).
+_UPDATE_ID_MASK: Final = 0x5B0C1D528F574F0E1A5261C1C0A3F1D7
+_VERSION_BITS: Final = 0xF << 76
 
 
 def update_event_id(causation_id: uuid.UUID) -> uuid.UUID:
-    return uuid.uuid5(_UPDATE_ID_NAMESPACE, str(causation_id))
+    """The ``OrderUpdated.event_id`` caused by ``causation_id``: deterministic (a re-applied
+    batch can't mint a new one), distinct from the causing id, and a valid UUID (version 8,
+    "custom"). Two inbound v4 ids never map to the same update id (the mapping is an XOR)."""
+    return uuid.UUID(int=((causation_id.int ^ _UPDATE_ID_MASK) & ~_VERSION_BITS) | (8 << 76))
 
 
 @functools.lru_cache(maxsize=4096)

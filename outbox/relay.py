@@ -4,7 +4,9 @@ Ordering with several relays: every row carries a ``shard`` (a hash of its key),
 relay publishes only the shards it owns. It owns a shard by holding a session-level
 PostgreSQL advisory lock on it, on the one connection it also reads and marks through.
 If the relay dies or its connection drops, PostgreSQL releases the locks at once and a
-live relay claims the shards on its next claim round. One owner per shard at a time,
+live relay claims the shards on its next claim round. Relays share the shards fairly:
+each counts the live relays (every relay holds a membership lock) and, between batches,
+claims free shards up to ceil(shards / relays) or releases its surplus. One owner per shard at a time,
 publishing in id order, waiting for the broker's acks before marking and before reading
 the next batch: so each key's messages reach the topic in the order they were committed.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +39,8 @@ log = logging.getLogger("orderflow.relay")
 
 #: First key of the two-key advisory locks that mark shard ownership ("oflw").
 ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
+#: First key of the advisory lock each live relay holds, to count relays ("ofmb").
+MEMBER_LOCK_NAMESPACE: Final = 0x6F666D62
 
 
 class Producer(Protocol):
@@ -95,9 +100,24 @@ _SELECT_BATCH: Final = text(
 _MARK_PUBLISHED: Final = text(
     "UPDATE outbox_messages SET published_at = now() WHERE id = ANY(:ids) AND published_at IS NULL"
 )
+# The executor evaluates the WHERE clause row by row and stops at the LIMIT, so no more
+# than :wanted locks are taken (a surplus would only be released on the next round).
 _CLAIM: Final = text(
     "SELECT shard FROM unnest(CAST(:shards AS int[])) AS shard "
-    "WHERE pg_try_advisory_lock(:namespace, shard)"
+    "WHERE pg_try_advisory_lock(:namespace, shard) LIMIT :wanted"
+)
+_RELEASE: Final = text(
+    "SELECT pg_advisory_unlock(:namespace, shard) FROM unnest(CAST(:shards AS int[])) AS shard"
+)
+#: Every relay holds one membership lock (keyed by its backend pid) while it is connected.
+_JOIN: Final = text("SELECT pg_advisory_lock(:namespace, pg_backend_pid())")
+_LIVE_RELAYS: Final = text(
+    """
+    SELECT count(*) FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 2
+      AND classid = CAST(:namespace AS oid)
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    """
 )
 _PRUNE: Final = text(
     """
@@ -143,6 +163,7 @@ class Relay:
                             isolation_level="AUTOCOMMIT"
                         )
                         await self._listen(connection)
+                        await connection.execute(_JOIN, {"namespace": MEMBER_LOCK_NAMESPACE})
                         backoff.reset()
                         await self._serve(connection, stop, backoff)
                     finally:
@@ -214,17 +235,39 @@ class Relay:
                 waiter.cancel()
 
     async def _claim(self, connection: AsyncConnection) -> None:
-        free = [shard for shard in range(SHARD_COUNT) if shard not in self._owned]
-        if not free:
-            return
-        result = await connection.execute(
-            _CLAIM, {"shards": free, "namespace": ADVISORY_LOCK_NAMESPACE}
-        )
-        claimed = set(result.scalars())
-        if claimed:
-            self._owned |= claimed
-            self.stats.owned_shards = len(self._owned)
-            log.info("relay owns %d of %d shards", len(self._owned), SHARD_COUNT)
+        """Move towards a fair share: ceil(shards / live relays) each.
+
+        Runs between batches, so a released shard has nothing in flight: every row this
+        relay published from it is already marked, and the next owner starts after them.
+        """
+        live = await connection.execute(_LIVE_RELAYS, {"namespace": MEMBER_LOCK_NAMESPACE})
+        target = -(-SHARD_COUNT // max(1, int(live.scalar_one())))
+        before = len(self._owned)
+        if len(self._owned) > target:
+            surplus = sorted(self._owned)[target:]
+            await connection.execute(
+                _RELEASE, {"shards": surplus, "namespace": ADVISORY_LOCK_NAMESPACE}
+            )
+            self._owned.difference_update(surplus)
+        elif len(self._owned) < target:
+            free = [shard for shard in range(SHARD_COUNT) if shard not in self._owned]
+            # Start at a different place in each relay, so that relays joining together
+            # don't all try the same shards first.
+            start = random.randrange(len(free))
+            result = await connection.execute(
+                _CLAIM,
+                {
+                    "shards": free[start:] + free[:start],
+                    "namespace": ADVISORY_LOCK_NAMESPACE,
+                    "wanted": target - len(self._owned),
+                },
+            )
+            self._owned.update(result.scalars())
+        self.stats.owned_shards = len(self._owned)
+        if len(self._owned) != before:
+            log.info(
+                "relay owns %d of %d shards (fair share %d)", len(self._owned), SHARD_COUNT, target
+            )
 
     async def _fetch(self, connection: AsyncConnection) -> list[_Row]:
         result = await connection.execute(

@@ -6,9 +6,11 @@ PostgreSQL advisory lock on it, on the one connection it also reads and marks th
 If the relay dies or its connection drops, PostgreSQL releases the locks at once and a
 live relay claims the shards on its next claim round. Relays share the shards fairly:
 each counts the live relays (every relay holds a membership lock) and, between batches,
-claims free shards up to ceil(shards / relays) or releases its surplus. One owner per shard at a time,
-publishing in id order, waiting for the broker's acks before marking and before reading
-the next batch: so each key's messages reach the topic in the order they were committed.
+claims free shards up to ceil(shards / relays) or releases its surplus.
+
+One owner per shard at a time, publishing in id order, waiting for the broker's acks
+before marking and before reading the next batch: so each key's messages reach the topic
+in the order they were committed.
 
 At least once: rows are marked published only after the broker acknowledged them. A
 crash between the ack and the mark repeats at most that batch, with the same bytes (and

@@ -35,6 +35,10 @@ from outbox.faults import Backoff, is_data_error, is_transient
 
 log = logging.getLogger("orderflow.consumer")
 
+#: At stop, how long the last Kafka offset commit may take. It only feeds lag tools (the
+#: database holds the offsets), so an unreachable broker must not hold up the exit.
+KAFKA_COMMIT_GRACE_SECONDS = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class ConsumerConfig:
@@ -160,8 +164,18 @@ class OrderConsumer:
                     lane.arrived.set()  # wake idle lanes: they see stop and return
         finally:
             self._group = None
-            if self._commit_task is not None:
-                await asyncio.wait({self._commit_task})
+            await self._finish_commits()
+
+    async def _finish_commits(self) -> None:
+        """Give the last Kafka commit a moment; never wait for an unreachable broker."""
+        task = self._commit_task
+        if task is None or task.done():
+            return
+        await asyncio.wait({task}, timeout=KAFKA_COMMIT_GRACE_SECONDS)
+        if not task.done():
+            log.warning("kafka offset commit still pending at stop; skipped (lag tools only)")
+            task.cancel()
+            await asyncio.wait({task})
 
     def _feed(
         self,

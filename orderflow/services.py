@@ -7,6 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from consumer.apply import Destinations
 from consumer.intake import ConsumerConfig, OrderConsumer
 from orderflow.settings import Settings
@@ -69,7 +71,7 @@ async def run_consumer(
                     await result
             await _until_stopped(order_consumer.run(stop), stop)
         finally:
-            await kafka.stop()
+            await _stop_client(kafka, "consumer")
     finally:
         await engine.dispose()
 
@@ -95,9 +97,27 @@ async def run_relay(
                     await result
             await _until_stopped(relay.run(stop), stop)
         finally:
-            await producer.stop()
+            await _stop_client(producer, "producer")
     finally:
         await engine.dispose()
+
+
+#: How long closing a Kafka client may take (it leaves the group, flushes, closes sockets).
+CLIENT_STOP_SECONDS = 10.0
+
+
+async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -> None:
+    """Close a Kafka client without letting an unreachable broker turn a clean stop into a
+    crash: aiokafka's stop() can hang, or fail with its own internal CancelledError, while
+    the broker is down. It runs as its own task, so its failure is not ours."""
+    closing = asyncio.create_task(client.stop())
+    done, _ = await asyncio.wait({closing}, timeout=CLIENT_STOP_SECONDS)
+    if not done:
+        closing.cancel()
+        await asyncio.wait({closing})
+        log.warning("the Kafka %s did not close within %.0f s", what, CLIENT_STOP_SECONDS)
+    elif closing.cancelled() or closing.exception() is not None:
+        log.warning("the Kafka %s did not close cleanly (is the broker reachable?)", what)
 
 
 async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:

@@ -1,0 +1,512 @@
+"""End-to-end latency: an inbound order event until its ``OrderUpdated`` reaches a subscriber.
+
+    python benchmarks/latency.py [--rate 500] [--seconds 20] [--partitions P]
+
+Uses ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` when set, otherwise starts an embedded
+PostgreSQL (durable: fsync on, as in production) and an embedded Tansu broker. In this one
+process, against a fresh migrated database and fresh topics:
+
+* the real consumer and relay (``orderflow.services.run_consumer`` and ``run_relay``, as
+  tasks; for Tansu with idempotence off and a 3 s session timeout);
+* an upstream producer (linger_ms=0, so that it adds no wait of its own) sending a steady
+  ``--rate`` of sample events per second (``SampleStream``, no faults) for ``--seconds``,
+  paced on a monotonic schedule (the i-th send is due at start + i/rate: no drift); the
+  moment just before each ``send`` call is recorded by ``event_id``;
+* a subscriber reading the fresh outbound topic from its beginning (no group) that takes,
+  for each ``OrderUpdated``, its receive time minus the send time of its ``causation_id``.
+
+The pipeline is primed first (one event, end to end: the consumer has joined its group and
+the relay owns its shards), and events sent in the first 2 s of the stream are not counted
+(warm-up). Every counted event must come back. Afterwards the database's own timestamps
+split each latency into stages (same clock: this machine's): send -> the consumer's
+transaction start (``processed_at``), -> the relay's mark (``published_at``, after the
+broker's acks), -> the subscriber.
+
+On Tansu, mind that a fetch is answered only after part of its ``fetch_max_wait_ms`` even
+when records are waiting (Apache Kafka answers at once): the consumer's 100 ms wait costs
+it about 25 ms per event there; the subscriber here waits at most 10 ms.
+
+The last line of output is machine-readable (``RESULT ...``).
+"""
+
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, and the sibling
+# ``consumer.py`` benchmark would shadow the project's ``consumer`` package: put the
+# project root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from sqlalchemy.engine import make_url
+
+from consumer.intake import OrderConsumer
+from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.migrate import upgrade
+from orderflow.samples import SampleStream
+from orderflow.services import run_consumer, run_relay
+from orderflow.settings import Settings, async_database_url, redacted
+from orderflow.topics import ensure_topics
+from outbox.relay import Relay
+
+T = TypeVar("T")
+SEED = 20260102
+WARM_UP_SECONDS = 2.0
+#: The first (priming) event must come back within this long: group join, claims.
+PRIME_TIMEOUT_SECONDS = 60.0
+#: After the last send, every counted event must come back within this long.
+DRAIN_TIMEOUT_SECONDS = 30.0
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------- services
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
+    bootstrap_servers: str
+    kafka_idempotence: bool
+    session_timeout_ms: int
+    origin: str
+
+
+def plain_url(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def provide_services() -> Iterator[Services]:
+    database_url = os.environ.get("DATABASE_URL")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    with contextlib.ExitStack() as stack:
+        if database_url:
+            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
+        else:
+            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
+            database_url = postgres.url
+            pg_origin = "embedded PostgreSQL (durable: fsync on)"
+        if bootstrap:
+            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
+            idempotence, session_timeout_ms = True, 10000
+        else:
+            tansu = stack.enter_context(EmbeddedKafka())
+            bootstrap = tansu.bootstrap_servers
+            kafka_origin = "embedded Tansu"
+            idempotence, session_timeout_ms = False, 3000
+        yield Services(
+            admin_url=plain_url(database_url),
+            bootstrap_servers=bootstrap,
+            kafka_idempotence=idempotence,
+            session_timeout_ms=session_timeout_ms,
+            origin=f"{pg_origin}; {kafka_origin}",
+        )
+
+
+async def admin(services: Services, *statements: str) -> None:
+    connection = await asyncpg.connect(services.admin_url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def create_database(services: Services, name: str) -> str:
+    await admin(services, f'CREATE DATABASE "{name}"')
+    url = plain_url(services.admin_url, name)
+    # Alembic's env runs its own event loop: give it a thread.
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Flow:
+    """Send and receive times (``time.perf_counter``) by inbound ``event_id``."""
+
+    sent: dict[str, float] = field(default_factory=dict)
+    received: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
+    #: Sends that left more than 2 ms after their due time.
+    late: int = 0
+    #: ``time.time() - time.perf_counter()``: turns our times into the database's clock.
+    wall_offset: float = field(default_factory=lambda: time.time() - time.perf_counter())
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted ``values``."""
+    if not values:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(values)))
+    return values[rank - 1]
+
+
+async def subscribe(reader: AIOKafkaConsumer, flow: Flow, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        batches = await reader.getmany(timeout_ms=100)
+        now = time.perf_counter()
+        for records in batches.values():
+            for record in records:
+                update = orjson.loads(record.value or b"{}")
+                causation_id = update.get("causation_id")
+                if causation_id is None:
+                    continue
+                if causation_id in flow.received:
+                    flow.repeats += 1
+                    continue
+                flow.received[causation_id] = now
+        if batches:
+            flow.arrived.set()
+
+
+async def produce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    stream: SampleStream,
+    flow: Flow,
+    *,
+    rate: float,
+    seconds: float,
+) -> tuple[float, int]:
+    """Send ``rate`` events per second for ``seconds``; (start time, events sent).
+
+    The i-th send is due at start + i/rate: a late send never delays the ones after it.
+    """
+    deliveries: list[asyncio.Future[object]] = []
+    total = int(rate * seconds)
+    began = time.perf_counter()
+    for i in range(total):
+        due = began + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = next(stream)
+        event_id = orjson.loads(message.value or b"{}")["event_id"]
+        flow.sent[event_id] = now = time.perf_counter()
+        if now - due > 0.002:
+            flow.late += 1
+        deliveries.append(await producer.send(topic, key=message.key, value=message.value))
+    await asyncio.gather(*deliveries)
+    return began, total
+
+
+async def until_received(flow: Flow, event_ids: list[str], seconds: float) -> None:
+    """Until the updates of all ``event_ids`` arrived, or ``seconds`` passed."""
+    pending = set(event_ids)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while pending := {event_id for event_id in pending if event_id not in flow.received}:
+                flow.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flow.arrived.wait(), 0.5)
+
+
+@dataclass
+class Stages:
+    """Per-event stage durations (ms) from the database's timestamps."""
+
+    to_consumer: list[float] = field(default_factory=list)
+    to_published: list[float] = field(default_factory=list)
+    to_subscriber: list[float] = field(default_factory=list)
+
+
+async def stages(url: str, flow: Flow, counted: list[str]) -> Stages:
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT p.event_id::text AS event_id,
+                   extract(epoch FROM p.processed_at) AS processed,
+                   extract(epoch FROM o.published_at) AS published
+            FROM processed_events p
+            JOIN outbox_messages o
+              ON (convert_from(o.payload, 'UTF8')::jsonb ->> 'causation_id') = p.event_id::text
+            WHERE p.event_id = ANY($1::uuid[])
+            """,
+            counted,
+        )
+    finally:
+        await connection.close()
+    result = Stages()
+    for row in rows:
+        event_id = row["event_id"]
+        sent = flow.sent[event_id] + flow.wall_offset
+        received = flow.received[event_id] + flow.wall_offset
+        processed, published = float(row["processed"]), float(row["published"])
+        result.to_consumer.append((processed - sent) * 1000)
+        result.to_published.append((published - processed) * 1000)
+        result.to_subscriber.append((received - published) * 1000)
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Outcome:
+    latencies_ms: list[float]
+    sent: int
+    counted: int
+    repeats: int
+    stages: Stages
+    consumer_batches: int
+    applied: int
+    relay_batches: int
+    published: int
+    late_sends: int
+
+
+async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
+    suffix = uuid.uuid4().hex[:10]
+    database = f"orderflow_bench_latency_{suffix}"
+    inbound = f"bench.latency.{suffix}"
+    settings = Settings(
+        database_url=None,
+        kafka_bootstrap_servers=services.bootstrap_servers,
+        inbound_topic=inbound,
+        outbound_topic=f"{inbound}.updates",
+        dlq_topic=f"{inbound}.dlq",
+        consumer_group=f"bench-latency-{suffix}",
+        kafka_idempotence=services.kafka_idempotence,
+        kafka_session_timeout_ms=services.session_timeout_ms,
+    )
+    try:
+        url = await create_database(services, database)
+        settings = settings.with_overrides(database_url=url)
+        await ensure_topics(settings, partitions=args.partitions)
+        return await _benchmark(services, settings, url, args)
+    finally:
+        await cleanup(services, settings, database)
+
+
+async def _benchmark(
+    services: Services, settings: Settings, url: str, args: argparse.Namespace
+) -> Outcome:
+    say(f"services: {services.origin}")
+    stop = asyncio.Event()
+    flow = Flow()
+    found_consumer: asyncio.Future[OrderConsumer] = asyncio.get_running_loop().create_future()
+    found_relay: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
+    reader = AIOKafkaConsumer(
+        settings.outbound_topic,
+        bootstrap_servers=services.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",  # a fresh topic: its beginning is where we start
+        enable_auto_commit=False,
+        fetch_max_wait_ms=10,  # the measuring end must not wait for more data
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.bootstrap_servers,
+        acks="all",
+        linger_ms=0,
+        enable_idempotence=services.kafka_idempotence,
+    )
+    await reader.start()
+    await producer.start()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tasks = [
+            asyncio.create_task(run_consumer(settings, stop, ready=found_consumer.set_result)),
+            asyncio.create_task(run_relay(settings, stop, ready=found_relay.set_result)),
+            asyncio.create_task(subscribe(reader, flow, stop)),
+        ]
+        stream = SampleStream(seed=SEED, fault_every=0, clock=lambda: datetime.now(UTC))
+
+        # Prime: one event all the way through (group joined, shards claimed).
+        began = time.perf_counter()
+        await produce(producer, settings.inbound_topic, stream, flow, rate=1, seconds=1)
+        first = next(iter(flow.sent))
+        await watch(tasks, until_received(flow, [first], PRIME_TIMEOUT_SECONDS))
+        if first not in flow.received:
+            raise RuntimeError(f"no update came back within {PRIME_TIMEOUT_SECONDS:.0f} s")
+        say(f"pipeline ready after {time.perf_counter() - began:.1f} s (first event round trip)")
+
+        say(f"sending {args.rate:g} events/s for {args.seconds:g} s ...")
+        primed = set(flow.sent)
+        flow.late = 0
+        started, total = await watch(
+            tasks,
+            produce(
+                producer,
+                settings.inbound_topic,
+                stream,
+                flow,
+                rate=args.rate,
+                seconds=args.seconds,
+            ),
+        )
+        counted = [
+            event_id
+            for event_id, at in flow.sent.items()
+            if event_id not in primed and at >= started + WARM_UP_SECONDS
+        ]
+        await watch(tasks, until_received(flow, counted, DRAIN_TIMEOUT_SECONDS))
+        missing = [event_id for event_id in counted if event_id not in flow.received]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} of {len(counted)} counted events got no update within "
+                f"{DRAIN_TIMEOUT_SECONDS:.0f} s of the last send"
+            )
+    finally:
+        stop.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=40)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await producer.stop()
+        await reader.stop()
+    # Read after the stop: the relay's last batch is marked (and counted) by then.
+    consumer, relay = found_consumer.result().stats, found_relay.result().stats
+    return Outcome(
+        latencies_ms=sorted((flow.received[e] - flow.sent[e]) * 1000 for e in counted),
+        sent=total,
+        counted=len(counted),
+        repeats=flow.repeats,
+        stages=await stages(url, flow, counted),
+        consumer_batches=consumer.batches,
+        applied=consumer.applied,
+        relay_batches=relay.batches,
+        published=relay.published,
+        late_sends=flow.late,
+    )
+
+
+async def watch(tasks: list[asyncio.Task[None]], work: Awaitable[T]) -> T:
+    """Await ``work``; fail at once if one of the services' ``tasks`` ends meanwhile."""
+    job = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({job, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            if job in done:
+                return job.result()
+            for task in done:
+                task.result()  # raises the service's error, if any
+                raise RuntimeError("a service stopped before the measurement ended")
+    finally:
+        if not job.done():
+            job.cancel()
+
+
+async def cleanup(services: Services, settings: Settings, database: str) -> None:
+    with contextlib.suppress(Exception):
+        await admin(services, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=services.bootstrap_servers, request_timeout_ms=15000
+    )
+    with contextlib.suppress(Exception):
+        await client.start()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.delete_consumer_groups([settings.consumer_group]), 10)
+        with contextlib.suppress(Exception):
+            existing = set(await asyncio.wait_for(client.list_topics(), 10))
+            topics = [settings.inbound_topic, settings.outbound_topic, settings.dlq_topic]
+            await asyncio.wait_for(client.delete_topics([t for t in topics if t in existing]), 10)
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+def summary(values: list[float]) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return (
+        f"p50 {percentile(ordered, 0.5):7.1f}  p90 {percentile(ordered, 0.9):7.1f}  "
+        f"p99 {percentile(ordered, 0.99):7.1f}  max {ordered[-1]:7.1f}"
+    )
+
+
+def report(outcome: Outcome, args: argparse.Namespace) -> str:
+    values = outcome.latencies_ms
+    p50, p90 = percentile(values, 0.5), percentile(values, 0.9)
+    p99, top = percentile(values, 0.99), values[-1]
+    out = io.StringIO()
+    out.write(
+        f"\nsent {outcome.sent} events at {args.rate:g}/s; counted {outcome.counted} "
+        f"(the first {WARM_UP_SECONDS:g} s are warm-up); late sends (>2 ms behind schedule): "
+        f"{outcome.late_sends}; repeated updates: {outcome.repeats}\n"
+    )
+    out.write(
+        f"consumer: {outcome.applied} applied in {outcome.consumer_batches} transactions "
+        f"({outcome.applied / max(1, outcome.consumer_batches):.1f} per transaction); "
+        f"relay: {outcome.published} published in {outcome.relay_batches} batches "
+        f"({outcome.published / max(1, outcome.relay_batches):.1f} per batch)\n\n"
+    )
+    out.write("end to end (ms), send -> subscriber:\n")
+    out.write(
+        f"  count {len(values)}  p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  max {top:.1f}\n"
+    )
+    out.write("stages (ms), from the database's timestamps:\n")
+    stage = outcome.stages
+    out.write(f"  send -> consumer transaction start   {summary(stage.to_consumer)}\n")
+    out.write(f"  -> relay marks it published (acked)  {summary(stage.to_published)}\n")
+    out.write(f"  -> subscriber receives it            {summary(stage.to_subscriber)}\n")
+    out.write(
+        "  (the subscriber usually has a message before the relay marks it: that stage can be "
+        "negative)\n\n"
+    )
+    out.write(f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}")
+    return out.getvalue()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=500, help="events per second (default 500)")
+    parser.add_argument(
+        "--seconds", type=float, default=20, help="seconds of steady traffic (default 20)"
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=3, help="partitions of each topic (default 3)"
+    )
+    args = parser.parse_args(argv)
+    if args.rate <= 0 or args.seconds <= WARM_UP_SECONDS or args.partitions < 1:
+        parser.error(f"--rate must be positive, --seconds above {WARM_UP_SECONDS:g}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    began = time.perf_counter()
+    with provide_services() as services:
+        outcome = asyncio.run(benchmark(services, args))
+    say(f"(whole run: {time.perf_counter() - began:.1f} s)")
+    say(report(outcome, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

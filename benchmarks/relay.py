@@ -1,0 +1,747 @@
+"""Relay throughput: orderflow's outbox relay against the raw aiokafka producer.
+
+    python benchmarks/relay.py [--rows N] [--relays 1,2,3] [--partitions P] [--profile]
+    python benchmarks/relay.py --drain-check [--rows N]      # slow: 1,000,000 rows by default
+
+Uses ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` when set, otherwise starts an embedded
+PostgreSQL (durable: fsync on, as in production) and an embedded Tansu broker. A fresh,
+migrated database gets N outbox rows (default 200000) of ``OrderUpdated``-sized payloads
+(about 650 bytes, the same fields as orderflow's) keyed by N/4 order ids, loaded with one
+binary ``COPY`` per chunk (shard = ``outbox.enqueue.shard_of(key)``) and ``ANALYZE``d; then,
+one after the other, each to its own fresh topic:
+
+* baseline  -- the raw aiokafka producer (acks=all, linger and batch size as
+               ``orderflow.wiring.create_producer``, idempotence per the services: off for
+               Tansu) sends the same keys, values and headers, read from the table into
+               memory beforehand, and awaits every ack; only the sending is timed;
+* relay K=k -- k ``outbox.relay.Relay``s in this process, each with its own engine
+               (pool_size=1) and its own producer, drain the table: timed from their start
+               until a separate connection, polling every 20 ms, finds no unpublished row
+               (``SELECT count(*) ... WHERE published_at IS NULL``, the partial index). The
+               table is truncated and reloaded before each k.
+
+After each drain every row must be published and the topic must hold at least N records.
+The remaining-count samples also give the drain rate of the first and of the last 10% of
+the rows (each measured from a sample to a sample, so start-up is not counted): the last
+10% must not be slower, however many published rows the table already holds.
+
+``--drain-check`` runs only that check, at scale: one relay (or ``--relays``), no
+baseline, 1,000,000 rows unless ``--rows`` says otherwise, and a rate per tenth of the
+rows. It is slow (minutes: loading alone writes about 1 GB).
+
+The default run takes about 1.5 minutes on a 2-core machine. ``--profile`` runs the first
+relay count under pyinstrument (text to stderr; it slows the relay down).
+
+The last line of output is machine-readable (``RESULT ...``).
+"""
+
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, and the sibling
+# ``consumer.py`` benchmark would shadow the project's ``consumer`` package: put the
+# project root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from sqlalchemy.engine import make_url
+
+from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.migrate import upgrade
+from orderflow.samples import CUSTOMERS, PRODUCTS
+from orderflow.services import relay_config
+from orderflow.settings import Settings, async_database_url, redacted
+from orderflow.topics import ensure_topics
+from orderflow.wiring import create_engine, create_producer
+from outbox.enqueue import shard_of
+from outbox.relay import Relay
+
+SEED = 20260101
+#: Rows per ``COPY`` while loading (and per generated chunk).
+LOAD_CHUNK = 20000
+#: Outbox rows per order id: placed, paid, shipped, delivered.
+ROWS_PER_ORDER = 4
+POLL_SECONDS = 0.020
+#: Reading a topic back stops once nothing arrived for this long.
+READ_IDLE_SECONDS = 3.0
+#: A drain that publishes nothing for this long has failed.
+STALL_SECONDS = 30.0
+DRAIN_CHECK_ROWS = 1_000_000
+COUNT_UNPUBLISHED = "SELECT count(*) FROM outbox_messages WHERE published_at IS NULL"
+COLUMNS = ["topic", "key", "payload", "headers", "shard"]
+CHANGES = ["OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered"]
+STATUSES = ["placed", "paid", "shipped", "delivered"]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------- services
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
+    bootstrap_servers: str
+    kafka_idempotence: bool
+    origin: str
+
+
+def plain_url(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def provide_services() -> Iterator[Services]:
+    database_url = os.environ.get("DATABASE_URL")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    with contextlib.ExitStack() as stack:
+        if database_url:
+            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
+        else:
+            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
+            database_url = postgres.url
+            pg_origin = "embedded PostgreSQL (durable: fsync on)"
+        if bootstrap:
+            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
+            idempotence = True
+        else:
+            tansu = stack.enter_context(EmbeddedKafka())
+            bootstrap = tansu.bootstrap_servers
+            kafka_origin = "embedded Tansu"
+            idempotence = False
+        yield Services(
+            admin_url=plain_url(database_url),
+            bootstrap_servers=bootstrap,
+            kafka_idempotence=idempotence,
+            origin=f"{pg_origin}; {kafka_origin}",
+        )
+
+
+async def admin(services: Services, *statements: str) -> None:
+    connection = await asyncpg.connect(services.admin_url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def create_database(services: Services, name: str) -> str:
+    await admin(services, f'CREATE DATABASE "{name}"')
+    url = plain_url(services.admin_url, name)
+    # Alembic's env runs its own event loop: give it a thread.
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
+def kafka_settings(services: Services, database_url: str | None = None) -> Settings:
+    return Settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=services.bootstrap_servers,
+        kafka_idempotence=services.kafka_idempotence,
+    )
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+#: Generated outbox rows: (key, payload, headers as JSON text, shard).
+Chunk = list[tuple[bytes, bytes, str, int]]
+
+
+@dataclass
+class _Order:
+    id: str
+    email: str
+    name: str
+    lines: list[dict[str, Any]]
+    total: str
+    created_at: str
+    version: int = 0
+
+
+def outbox_rows(count: int, seed: int = SEED) -> Iterator[Chunk]:
+    """``count`` rows of (key, payload, headers JSON text, shard), in chunks; deterministic.
+
+    The payloads are ``OrderUpdated`` documents with the same fields, value formats and
+    so size as ``consumer.updates.build_update``'s; rows of many orders interleave, each
+    order's versions in order.
+    """
+    rng = random.Random(seed)
+    epoch = datetime(2026, 1, 1, tzinfo=UTC)
+    orders: list[_Order] = []
+    target_orders = max(1, count // ROWS_PER_ORDER)
+    made = 0
+    chunk: Chunk = []
+    for n in range(count):
+        if (len(orders) < 64 and made < target_orders) or not orders:
+            chosen = [
+                (sku, price, rng.randint(1, 3))
+                for sku, price in rng.sample(PRODUCTS, rng.randint(1, 3))
+            ]
+            email, name = rng.choice(CUSTOMERS)
+            orders.append(
+                _Order(
+                    id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                    email=email,
+                    name=name,
+                    lines=[
+                        {"sku": sku, "quantity": quantity, "unit_price": str(price)}
+                        for sku, price, quantity in chosen
+                    ],
+                    total=str(sum((p * q for _, p, q in chosen), Decimal(0))),
+                    created_at=timestamp(epoch + timedelta(seconds=n)),
+                )
+            )
+            made += 1
+        lane = rng.randrange(len(orders))
+        order = orders[lane]
+        step = order.version
+        order.version += 1
+        if order.version == ROWS_PER_ORDER:
+            orders.pop(lane)
+        causation_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        event_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        document = {
+            "event_id": event_id,
+            "event_type": "OrderUpdated",
+            "schema_version": 1,
+            "occurred_at": timestamp(epoch + timedelta(seconds=n, microseconds=n % 999983)),
+            "causation_id": causation_id,
+            "order_id": order.id,
+            "order_version": order.version,
+            "change": CHANGES[step],
+            "order": {
+                "id": order.id,
+                "status": STATUSES[step],
+                "currency": "EUR",
+                "total": order.total,
+                "customer": {"email": order.email, "name": order.name},
+                "lines": order.lines,
+                "created_at": order.created_at,
+                "updated_at": timestamp(epoch + timedelta(seconds=n)),
+            },
+        }
+        key = order.id.encode()
+        headers = orjson.dumps(
+            [
+                ["event_id", event_id],
+                ["event_type", "OrderUpdated"],
+                ["content-type", "application/json"],
+            ]
+        ).decode()
+        chunk.append((key, orjson.dumps(document), headers, shard_of(key)))
+        if len(chunk) == LOAD_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def load_outbox(
+    url: str, topic: str, rows: int, cached: list[Chunk] | None = None
+) -> tuple[float, int]:
+    """Empty the outbox and fill it with ``rows`` rows for ``topic``; (seconds, payload bytes).
+
+    ``cached``: the rows, already generated (the same ones ``outbox_rows(rows)`` yields).
+    """
+    began = time.perf_counter()
+    payload_bytes = 0
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("TRUNCATE outbox_messages RESTART IDENTITY")
+        for chunk in cached if cached is not None else outbox_rows(rows):
+            payload_bytes += sum(len(payload) for _, payload, _, _ in chunk)
+            await connection.copy_records_to_table(
+                "outbox_messages",
+                columns=COLUMNS,
+                records=[
+                    (topic, key, payload, headers, shard) for key, payload, headers, shard in chunk
+                ],
+            )
+        await connection.execute("ANALYZE outbox_messages")
+    finally:
+        await connection.close()
+    return time.perf_counter() - began, payload_bytes
+
+
+Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
+async def read_messages(url: str) -> list[Message]:
+    """The table's messages in id order, as the relay would send them."""
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch(
+            "SELECT key, payload, headers::text AS headers FROM outbox_messages ORDER BY id"
+        )
+    finally:
+        await connection.close()
+    return [
+        (
+            row["key"],
+            row["payload"],
+            [(str(name), str(value).encode()) for name, value in orjson.loads(row["headers"])],
+        )
+        for row in rows
+    ]
+
+
+async def topic_records(services: Services, topic: str, expected: int) -> tuple[int, int]:
+    """(records, distinct ``event_id`` headers) in ``topic``, read from its beginning.
+
+    Read rather than taken from the end offsets: Tansu's "latest" offset is not the high
+    watermark (it trails it by up to a batch per partition).
+    """
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=services.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=15000,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await reader.start()
+    records, event_ids = 0, set()
+    try:
+        await reader.topics()  # fetches fresh metadata
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        idle_since = time.monotonic()
+        while len(event_ids) < expected and time.monotonic() - idle_since < READ_IDLE_SECONDS:
+            batches = await reader.getmany(timeout_ms=200, max_records=10000)
+            for batch in batches.values():
+                idle_since = time.monotonic()
+                records += len(batch)
+                for record in batch:
+                    event_ids.update(v for k, v in record.headers if k == "event_id")
+    finally:
+        await reader.stop()
+    return records, len(event_ids)
+
+
+async def outbox_state(url: str) -> tuple[int, int]:
+    """(unpublished rows, all rows) of the outbox."""
+    connection = await asyncpg.connect(url)
+    try:
+        row = await connection.fetchrow(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL) AS unpublished, "
+            "count(*) AS total FROM outbox_messages"
+        )
+    finally:
+        await connection.close()
+    assert row is not None
+    return int(row["unpublished"]), int(row["total"])
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    name: str
+    rows: int
+    seconds: float
+    note: str = ""
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def eps(self) -> float:
+        return self.rows / self.seconds
+
+
+def window_rate(samples: list[tuple[float, int]], total: int, low: float, high: float) -> float:
+    """Rows/s while the published share went from ``low`` to ``high`` (fractions of ``total``).
+
+    Measured between two samples: from the first one at or past ``low`` (past 0 for the
+    first window: the first sample that shows progress, so start-up is not counted) to the
+    first one at or past ``high``.
+    """
+    start = next((s for s in samples if (total - s[1]) > 0 and (total - s[1]) >= low * total), None)
+    end = next((s for s in samples if (total - s[1]) >= high * total), None)
+    if start is None or end is None or end[0] <= start[0]:
+        return float("nan")
+    return (start[1] - end[1]) / (end[0] - start[0])
+
+
+@dataclass
+class Drain:
+    first_eps: float
+    last_eps: float
+
+    @property
+    def ratio(self) -> float:
+        return self.last_eps / self.first_eps
+
+
+def drain_rates(measurement: Measurement) -> Drain:
+    return Drain(
+        first_eps=window_rate(measurement.samples, measurement.rows, 0.0, 0.1),
+        last_eps=window_rate(measurement.samples, measurement.rows, 0.9, 1.0),
+    )
+
+
+async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
+    messages = await read_messages(url)
+    producer = create_producer(kafka_settings(services))
+    await producer.start()
+    try:
+        began = time.perf_counter()
+        deliveries = [
+            await producer.send(topic, value=value, key=key, headers=headers)
+            for key, value, headers in messages
+        ]
+        await asyncio.gather(*deliveries)
+        seconds = time.perf_counter() - began
+    finally:
+        await producer.stop()
+    return Measurement("baseline", len(messages), seconds, note="aiokafka, all in flight")
+
+
+async def run_relays(
+    services: Services, url: str, relays: int, rows: int, *, profile: bool = False
+) -> Measurement:
+    settings = kafka_settings(services, url)
+    engines = [create_engine(settings, pool_size=1) for _ in range(relays)]
+    producers = [create_producer(settings) for _ in range(relays)]
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    watcher = await asyncpg.connect(url)
+    profiler = None
+    if profile:
+        try:
+            from pyinstrument import Profiler
+        except ImportError:
+            print("--profile: pyinstrument is not installed; running without it", file=sys.stderr)
+        else:
+            profiler = Profiler(interval=0.001, async_mode="disabled")
+    try:
+        for producer in producers:
+            await producer.start()
+        instances = [
+            Relay(engine, producer, relay_config(settings))
+            for engine, producer in zip(engines, producers, strict=True)
+        ]
+        if profiler is not None:
+            profiler.start()
+        began = time.perf_counter()
+        tasks = [asyncio.create_task(relay.run(stop)) for relay in instances]
+        samples = [(0.0, rows)]
+        last_change, last_remaining = began, rows
+        tick = began
+        while True:
+            moment = time.perf_counter()
+            remaining = int(await watcher.fetchval(COUNT_UNPUBLISHED))
+            samples.append((moment - began, remaining))
+            if remaining == 0:
+                seconds = moment - began
+                owned = [len(relay.owned_shards) for relay in instances]
+                break
+            if remaining != last_remaining:
+                last_change, last_remaining = moment, remaining
+            for task in tasks:
+                if task.done():
+                    task.result()
+                    raise RuntimeError(f"a relay stopped with {remaining} rows unpublished")
+            if moment - last_change > STALL_SECONDS:
+                owned = ", ".join(str(relay.stats.owned_shards) for relay in instances)
+                raise RuntimeError(
+                    f"relays published nothing for {STALL_SECONDS:.0f} s ({remaining} left; "
+                    f"shards owned per relay: {owned})"
+                )
+            tick += POLL_SECONDS
+            await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+        if profiler is not None:
+            profiler.stop()
+    finally:
+        stop.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for producer in producers:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        for engine in engines:
+            await engine.dispose()
+        await watcher.close()
+        if profiler is not None and profiler.is_running:
+            profiler.stop()
+    measurement = Measurement(f"relay K={relays}", rows, seconds, samples=samples)
+    measurement.note = "; ".join(
+        f"{relay.stats.published} rows/{relay.stats.batches} batches/{shards} shards"
+        for relay, shards in zip(instances, owned, strict=True)
+    )
+    if profiler is not None:
+        measurement.note += "; under pyinstrument"
+        print(profiler.output_text(unicode=True, color=False), file=sys.stderr)
+    return measurement
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Run:
+    services: Services
+    suffix: str
+    topics: list[str] = field(default_factory=list)
+    databases: list[str] = field(default_factory=list)
+
+    async def topic(self, variant: str, partitions: int) -> str:
+        name = f"bench.relay.{variant}.{self.suffix}"
+        self.topics.append(name)
+        await ensure_topics(kafka_settings(self.services), [name], partitions=partitions)
+        return name
+
+
+async def check(services: Services, url: str, topic: str, rows: int, name: str) -> None:
+    unpublished, total = await outbox_state(url)
+    records, distinct = await topic_records(services, topic, rows)
+    ok = unpublished == 0 and total == rows and records >= rows and distinct == rows
+    say(
+        f"  {name}: outbox rows={total} unpublished={unpublished} topic records={records} "
+        f"(distinct event_ids={distinct}) expected>={rows} {'ok' if ok else 'MISMATCH'}"
+    )
+    if not ok:
+        raise RuntimeError(f"{name}: {unpublished} rows unpublished, {records} records in {topic}")
+
+
+async def delete_topic(services: Services, topic: str) -> None:
+    """Free the broker's memory (Tansu keeps it all in RAM) once a variant is checked."""
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=services.bootstrap_servers, request_timeout_ms=15000
+    )
+    with contextlib.suppress(Exception):
+        await client.start()
+        await asyncio.wait_for(client.delete_topics([topic]), 10)
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+async def benchmark(services: Services, args: argparse.Namespace) -> tuple[list[Measurement], int]:
+    run = Run(services, uuid.uuid4().hex[:10])
+    try:
+        return await _benchmark(run, args)
+    finally:
+        await cleanup(run)
+
+
+async def _benchmark(run: Run, args: argparse.Namespace) -> tuple[list[Measurement], int]:
+    services, rows = run.services, args.rows
+    say(f"services: {services.origin}")
+    name = f"orderflow_bench_relay_{run.suffix}"
+    run.databases.append(name)
+    url = await create_database(services, name)
+    results: list[Measurement] = []
+    payload_bytes = 0
+    loads = len(args.relays) + (0 if args.drain_check else 1)
+    # Generating the rows takes a few seconds per 200000: do it once when they are reused.
+    cached = list(outbox_rows(rows)) if loads > 1 else None
+
+    if not args.drain_check:
+        topic = await run.topic("baseline", args.partitions)
+        seconds, payload_bytes = await load_outbox(url, topic, rows, cached)
+        say(
+            f"loaded {rows} outbox rows ({payload_bytes / rows:.0f} payload bytes on average) "
+            f"in {seconds:.1f} s"
+        )
+        say("running baseline (raw aiokafka producer, every message in flight) ...")
+        measurement = await run_baseline(services, url, topic)
+        results.append(measurement)
+        say(f"  {measurement.eps:.0f} events/s")
+        records, distinct = await topic_records(services, topic, rows)
+        ok = records >= rows and distinct == rows
+        say(
+            f"  baseline: topic records={records} (distinct event_ids={distinct}) "
+            f"expected>={rows} {'ok' if ok else 'MISMATCH'}"
+        )
+        if not ok:
+            raise RuntimeError(f"baseline: {records} records in {topic}")
+        await delete_topic(services, topic)
+
+    for relays in args.relays:
+        topic = await run.topic(f"k{relays}", args.partitions)
+        seconds, payload_bytes = await load_outbox(url, topic, rows, cached)
+        say(f"loaded {rows} outbox rows for K={relays} in {seconds:.1f} s")
+        say(f"running {relays} relay(s) (in-process, own engine and producer each) ...")
+        measurement = await run_relays(
+            services, url, relays, rows, profile=args.profile and relays == args.relays[0]
+        )
+        results.append(measurement)
+        drain = drain_rates(measurement)
+        say(
+            f"  {measurement.eps:.0f} events/s; drain: first 10% {drain.first_eps:.0f} rows/s, "
+            f"last 10% {drain.last_eps:.0f} rows/s (last/first {drain.ratio:.2f})"
+        )
+        if args.drain_check:
+            say(deciles(measurement))
+        await check(services, url, topic, rows, measurement.name)
+        await delete_topic(services, topic)
+    return results, payload_bytes
+
+
+def deciles(measurement: Measurement) -> str:
+    out = io.StringIO()
+    out.write(f"  {'published':>12} {'at s':>8} {'rows/s':>9}\n")
+    for tenth in range(10):
+        rate = window_rate(measurement.samples, measurement.rows, tenth / 10, (tenth + 1) / 10)
+        reached = next(
+            (
+                t
+                for t, remaining in measurement.samples
+                if measurement.rows - remaining >= (tenth + 1) / 10 * measurement.rows
+            ),
+            float("nan"),
+        )
+        out.write(f"  {tenth * 10:>4}-{(tenth + 1) * 10:>3} % {reached:>8.2f} {rate:>9.0f}\n")
+    return out.getvalue().rstrip()
+
+
+async def cleanup(run: Run) -> None:
+    for name in run.databases:
+        with contextlib.suppress(Exception):
+            await admin(run.services, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    client = AIOKafkaAdminClient(
+        bootstrap_servers=run.services.bootstrap_servers, request_timeout_ms=15000
+    )
+    with contextlib.suppress(Exception):
+        await client.start()
+        existing = set(await asyncio.wait_for(client.list_topics(), 10))
+        leftover = [topic for topic in run.topics if topic in existing]
+        if leftover:
+            await asyncio.wait_for(client.delete_topics(leftover), 10)
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+def report(results: list[Measurement], args: argparse.Namespace) -> str:
+    by_name = {m.name: m for m in results}
+    baseline = by_name.get("baseline")
+    relays = [m for m in results if m.name.startswith("relay")]
+    one = relays[0]
+    out = io.StringIO()
+    out.write(
+        f"\n{'variant':<11} {'rows':>8} {'seconds':>8} {'events/s':>9} {'vs baseline':>11} "
+        f"{'vs K=' + str(args.relays[0]):>8} {'last/first 10%':>14}  note\n"
+    )
+    for m in results:
+        versus = f"{m.eps / baseline.eps:.2f}" if baseline else "-"
+        scale = f"{m.eps / one.eps:.2f}" if m in relays else "-"
+        drain = f"{drain_rates(m).ratio:.2f}" if m in relays else "-"
+        out.write(
+            f"{m.name:<11} {m.rows:>8} {m.seconds:>8.2f} {m.eps:>9.0f} {versus:>11} "
+            f"{scale:>8} {drain:>14}  {m.note}\n"
+        )
+    out.write(
+        "\nrelay: from the relays' start (connect, LISTEN, claim) until no unpublished row is "
+        "left; baseline: from the first send to the last ack.\n"
+    )
+    if len(relays) > 1:
+        steps = ", ".join(f"{m.name} {m.eps / one.eps:.2f}x" for m in relays[1:])
+        out.write(f"scaling against {one.name}: {steps}\n")
+    first = drain_rates(one)
+    out.write(
+        f"draining ({one.name}): first 10% {first.first_eps:.0f} rows/s, last 10% "
+        f"{first.last_eps:.0f} rows/s, last/first {first.ratio:.2f}\n\n"
+    )
+    if baseline is None:
+        out.write(
+            f"RESULT relay_eps={one.eps:.0f} drain_first_eps={first.first_eps:.0f} "
+            f"drain_last_eps={first.last_eps:.0f} drain_ratio={first.ratio:.2f}"
+        )
+    else:
+        out.write(
+            f"RESULT relay_eps={one.eps:.0f} baseline_eps={baseline.eps:.0f} "
+            f"ratio={one.eps / baseline.eps:.2f}"
+        )
+    return out.getvalue()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help=f"outbox rows (default 200000; {DRAIN_CHECK_ROWS} with --drain-check)",
+    )
+    parser.add_argument(
+        "--relays",
+        default=None,
+        help="comma-separated relay counts to measure (default 1,2,3; 1 with --drain-check)",
+    )
+    parser.add_argument(
+        "--partitions", type=int, default=3, help="partitions of each topic (default 3)"
+    )
+    parser.add_argument(
+        "--drain-check",
+        action="store_true",
+        help="only check that the last 10%% drain as fast as the first (slow: 1M rows)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the first relay run with pyinstrument (if installed); text to stderr",
+    )
+    args = parser.parse_args(argv)
+    if args.rows is None:
+        args.rows = DRAIN_CHECK_ROWS if args.drain_check else 200000
+    try:
+        args.relays = [
+            int(k) for k in (args.relays or ("1" if args.drain_check else "1,2,3")).split(",")
+        ]
+    except ValueError:
+        parser.error("--relays must be comma-separated whole numbers, e.g. 1,2,3")
+    if args.rows < 10 or args.partitions < 1 or min(args.relays) < 1:
+        parser.error("--rows must be at least 10; --partitions and --relays at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    began = time.perf_counter()
+    with provide_services() as services:
+        results, _ = asyncio.run(benchmark(services, args))
+    say(f"(whole run: {time.perf_counter() - began:.1f} s)")
+    say(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ import logging
 import socket
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from sqlalchemy import text
@@ -42,6 +43,9 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         pool_timeout=30,
         pool_recycle=1800,
         connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+        # JSONB (the outbox headers) through orjson rather than the standard library.
+        json_serializer=lambda value: orjson.dumps(value).decode(),
+        json_deserializer=orjson.loads,
     )
 
 
@@ -100,7 +104,9 @@ def create_consumer(settings: Settings, *, group_id: str | None = None) -> AIOKa
         max_poll_interval_ms=300000,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=max(100, min(3000, settings.kafka_session_timeout_ms // 5)),
-        fetch_max_wait_ms=100,
+        # A fetch returns as soon as data is there; this bounds how long an idle fetch waits
+        # (brokers such as Tansu hold even a fetch that has data for part of it).
+        fetch_max_wait_ms=20,
         **kafka_common(settings),
     )
 

@@ -38,11 +38,10 @@ import asyncio
 import contextlib
 import io
 import logging
-import os
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -53,17 +52,15 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import joinedload, selectinload
 
+from benchmarks.support import Services, admin, create_database, provide_services, say
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, OrderLine, ProcessedEvent
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade
 from orderflow.samples import SampleStream
 from orderflow.services import run_consumer
-from orderflow.settings import Settings, async_database_url, redacted
+from orderflow.settings import Settings, async_database_url
 from orderflow.topics import ensure_topics
 from orderflow.wiring import create_consumer, create_producer
 from outbox.models import OutboxRecord
@@ -82,74 +79,6 @@ STATUS_AFTER = {
     "OrderCancelled": "cancelled",
 }
 _UPDATE_NAMESPACE = uuid.UUID("5b0c1d52-8f57-4f0e-9a52-61c1c0a3f1d7")
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-# --------------------------------------------------------------------------- services
-
-
-@dataclass(frozen=True)
-class Services:
-    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
-    bootstrap_servers: str
-    kafka_idempotence: bool
-    session_timeout_ms: int
-    origin: str
-
-
-def plain_url(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def provide_services() -> Iterator[Services]:
-    database_url = os.environ.get("DATABASE_URL")
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    with contextlib.ExitStack() as stack:
-        if database_url:
-            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
-        else:
-            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
-            database_url = postgres.url
-            pg_origin = "embedded PostgreSQL (durable: fsync on)"
-        if bootstrap:
-            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
-            idempotence, session_timeout_ms = True, 10000
-        else:
-            tansu = stack.enter_context(EmbeddedKafka())
-            bootstrap = tansu.bootstrap_servers
-            kafka_origin = "embedded Tansu"
-            idempotence, session_timeout_ms = False, 3000
-        yield Services(
-            admin_url=plain_url(database_url),
-            bootstrap_servers=bootstrap,
-            kafka_idempotence=idempotence,
-            session_timeout_ms=session_timeout_ms,
-            origin=f"{pg_origin}; {kafka_origin}",
-        )
-
-
-async def admin(services: Services, *statements: str) -> None:
-    connection = await asyncpg.connect(services.admin_url)
-    try:
-        for statement in statements:
-            await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-async def create_database(services: Services, name: str) -> str:
-    await admin(services, f'CREATE DATABASE "{name}"')
-    url = plain_url(services.admin_url, name)
-    # Alembic's env runs its own event loop: give it a thread.
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 async def fetch_counts(url: str) -> tuple[int, int]:

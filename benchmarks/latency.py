@@ -49,10 +49,9 @@ import contextlib
 import io
 import logging
 import math
-import os
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -61,14 +60,12 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy.engine import make_url
 
+from benchmarks.support import Services, admin, create_database, provide_services, say
 from consumer.intake import OrderConsumer
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade
 from orderflow.samples import SampleStream
 from orderflow.services import run_consumer, run_relay
-from orderflow.settings import Settings, async_database_url, redacted
+from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
 from outbox.relay import Relay
 
@@ -79,74 +76,6 @@ WARM_UP_SECONDS = 2.0
 PRIME_TIMEOUT_SECONDS = 60.0
 #: After the last send, every counted event must come back within this long.
 DRAIN_TIMEOUT_SECONDS = 30.0
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-# --------------------------------------------------------------------------- services
-
-
-@dataclass(frozen=True)
-class Services:
-    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
-    bootstrap_servers: str
-    kafka_idempotence: bool
-    session_timeout_ms: int
-    origin: str
-
-
-def plain_url(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def provide_services() -> Iterator[Services]:
-    database_url = os.environ.get("DATABASE_URL")
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    with contextlib.ExitStack() as stack:
-        if database_url:
-            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
-        else:
-            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
-            database_url = postgres.url
-            pg_origin = "embedded PostgreSQL (durable: fsync on)"
-        if bootstrap:
-            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
-            idempotence, session_timeout_ms = True, 10000
-        else:
-            tansu = stack.enter_context(EmbeddedKafka())
-            bootstrap = tansu.bootstrap_servers
-            kafka_origin = "embedded Tansu"
-            idempotence, session_timeout_ms = False, 3000
-        yield Services(
-            admin_url=plain_url(database_url),
-            bootstrap_servers=bootstrap,
-            kafka_idempotence=idempotence,
-            session_timeout_ms=session_timeout_ms,
-            origin=f"{pg_origin}; {kafka_origin}",
-        )
-
-
-async def admin(services: Services, *statements: str) -> None:
-    connection = await asyncpg.connect(services.admin_url)
-    try:
-        for statement in statements:
-            await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-async def create_database(services: Services, name: str) -> str:
-    await admin(services, f'CREATE DATABASE "{name}"')
-    url = plain_url(services.admin_url, name)
-    # Alembic's env runs its own event loop: give it a thread.
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 # --------------------------------------------------------------------------- measuring

@@ -54,7 +54,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import os
 import random
 import time
 import uuid
@@ -68,13 +67,11 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy.engine import make_url
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade
+from benchmarks.support import Services, admin, create_database, provide_services, say
 from orderflow.samples import CUSTOMERS, PRODUCTS
 from orderflow.services import relay_config
-from orderflow.settings import Settings, async_database_url, redacted
+from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
 from orderflow.wiring import create_engine, create_producer
 from outbox.enqueue import shard_of
@@ -95,72 +92,6 @@ COUNT_UNPUBLISHED = "SELECT count(*) FROM outbox_messages WHERE published_at IS 
 COLUMNS = ["topic", "key", "payload", "headers", "shard"]
 CHANGES = ["OrderPlaced", "OrderPaid", "OrderShipped", "OrderDelivered"]
 STATUSES = ["placed", "paid", "shipped", "delivered"]
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-# --------------------------------------------------------------------------- services
-
-
-@dataclass(frozen=True)
-class Services:
-    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
-    bootstrap_servers: str
-    kafka_idempotence: bool
-    origin: str
-
-
-def plain_url(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def provide_services() -> Iterator[Services]:
-    database_url = os.environ.get("DATABASE_URL")
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    with contextlib.ExitStack() as stack:
-        if database_url:
-            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
-        else:
-            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
-            database_url = postgres.url
-            pg_origin = "embedded PostgreSQL (durable: fsync on)"
-        if bootstrap:
-            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
-            idempotence = True
-        else:
-            tansu = stack.enter_context(EmbeddedKafka())
-            bootstrap = tansu.bootstrap_servers
-            kafka_origin = "embedded Tansu"
-            idempotence = False
-        yield Services(
-            admin_url=plain_url(database_url),
-            bootstrap_servers=bootstrap,
-            kafka_idempotence=idempotence,
-            origin=f"{pg_origin}; {kafka_origin}",
-        )
-
-
-async def admin(services: Services, *statements: str) -> None:
-    connection = await asyncpg.connect(services.admin_url)
-    try:
-        for statement in statements:
-            await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-async def create_database(services: Services, name: str) -> str:
-    await admin(services, f'CREATE DATABASE "{name}"')
-    url = plain_url(services.admin_url, name)
-    # Alembic's env runs its own event loop: give it a thread.
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 def kafka_settings(services: Services, database_url: str | None = None) -> Settings:

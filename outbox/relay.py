@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Protocol
@@ -140,15 +140,12 @@ class Relay:
         engine: AsyncEngine,
         producer: Producer,
         config: RelayConfig | None = None,
-        *,
-        on_published: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._producer = producer
         self._config = config or RelayConfig()
         self._wake = asyncio.Event()
         self._owned: set[int] = set()
-        self._on_published = on_published
         self.stats = RelayStats()
 
     @property
@@ -217,8 +214,6 @@ class Relay:
                     self.stats.published += len(rows)
                     self.stats.batches += 1
                     backoff.reset()
-                    if self._on_published is not None:
-                        self._on_published(len(rows))
                     if len(rows) == self._config.batch_size:
                         continue  # a backlog: drain without waiting
                 else:

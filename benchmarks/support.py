@@ -1,0 +1,81 @@
+"""What the benchmarks share: services (from the environment, or embedded) and databases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.migrate import upgrade
+from orderflow.settings import async_database_url, redacted
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+@dataclass(frozen=True)
+class Services:
+    admin_url: str  # plain postgresql:// URL of a database we may CREATE/DROP others from
+    bootstrap_servers: str
+    kafka_idempotence: bool
+    session_timeout_ms: int
+    origin: str
+
+
+def plain_url(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def provide_services() -> Iterator[Services]:
+    database_url = os.environ.get("DATABASE_URL")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    with contextlib.ExitStack() as stack:
+        if database_url:
+            pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
+        else:
+            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
+            database_url = postgres.url
+            pg_origin = "embedded PostgreSQL (durable: fsync on)"
+        if bootstrap:
+            kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
+            idempotence, session_timeout_ms = True, 10000
+        else:
+            tansu = stack.enter_context(EmbeddedKafka())
+            bootstrap = tansu.bootstrap_servers
+            kafka_origin = "embedded Tansu"
+            idempotence, session_timeout_ms = False, 3000
+        yield Services(
+            admin_url=plain_url(database_url),
+            bootstrap_servers=bootstrap,
+            kafka_idempotence=idempotence,
+            session_timeout_ms=session_timeout_ms,
+            origin=f"{pg_origin}; {kafka_origin}",
+        )
+
+
+async def admin(services: Services, *statements: str) -> None:
+    connection = await asyncpg.connect(services.admin_url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def create_database(services: Services, name: str) -> str:
+    await admin(services, f'CREATE DATABASE "{name}"')
+    url = plain_url(services.admin_url, name)
+    # Alembic's env runs its own event loop: give it a thread.
+    await asyncio.to_thread(upgrade, url)
+    return url

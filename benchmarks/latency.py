@@ -4,10 +4,11 @@
 
 Uses ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` when set, otherwise starts an embedded
 PostgreSQL (durable: fsync on, as in production) and an embedded Tansu broker. In this one
-process, against a fresh migrated database and fresh topics:
+process (or its children), against a fresh migrated database and fresh topics:
 
-* the real consumer and relay (``orderflow.services.run_consumer`` and ``run_relay``, as
-  tasks; for Tansu with idempotence off and a 3 s session timeout);
+* the real consumer and relay: ``orderflow consume`` and ``orderflow relay`` processes
+  (``--in-process``: ``run_consumer`` and ``run_relay`` as tasks of this process instead);
+  for Tansu with idempotence off and a 3 s session timeout;
 * an upstream producer (linger_ms=0, so that it adds no wait of its own) sending a steady
   ``--rate`` of sample events per second (``SampleStream``, no faults) for ``--seconds``,
   paced on a monotonic schedule (the i-th send is due at start + i/rate: no drift); the
@@ -23,8 +24,8 @@ transaction start (``processed_at``), -> the relay's mark (``published_at``, aft
 broker's acks), -> the subscriber.
 
 On Tansu, mind that a fetch is answered only after part of its ``fetch_max_wait_ms`` even
-when records are waiting (Apache Kafka answers at once): the consumer's 100 ms wait costs
-it about 25 ms per event there; the subscriber here waits at most 10 ms.
+when records are waiting (Apache Kafka answers at once); the consumer waits at most 20 ms,
+the subscriber here at most 10 ms.
 
 The last line of output is machine-readable (``RESULT ...``).
 """
@@ -49,6 +50,9 @@ import contextlib
 import io
 import logging
 import math
+import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable
@@ -266,12 +270,17 @@ async def _benchmark(
     await reader.start()
     await producer.start()
     tasks: list[asyncio.Task[None]] = []
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        tasks = [
-            asyncio.create_task(run_consumer(settings, stop, ready=found_consumer.set_result)),
-            asyncio.create_task(run_relay(settings, stop, ready=found_relay.set_result)),
-            asyncio.create_task(subscribe(reader, flow, stop)),
-        ]
+        if args.in_process:
+            tasks = [
+                asyncio.create_task(run_consumer(settings, stop, ready=found_consumer.set_result)),
+                asyncio.create_task(run_relay(settings, stop, ready=found_relay.set_result)),
+            ]
+        else:
+            processes = [start_process(command, settings) for command in ("consume", "relay")]
+            tasks = [asyncio.create_task(until_exit(process)) for process in processes]
+        tasks.append(asyncio.create_task(subscribe(reader, flow, stop)))
         stream = SampleStream(seed=SEED, fault_every=0, clock=lambda: datetime.now(UTC))
 
         # Prime: one event all the way through (group joined, shards claimed).
@@ -311,27 +320,80 @@ async def _benchmark(
             )
     finally:
         stop.set()
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
         if tasks:
             await asyncio.wait(tasks, timeout=40)
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
         for task in tasks:
             if not task.done():
                 task.cancel()
         await producer.stop()
         await reader.stop()
     # Read after the stop: the relay's last batch is marked (and counted) by then.
-    consumer, relay = found_consumer.result().stats, found_relay.result().stats
+    consumer_batches, applied, relay_batches, published = await counts(url)
     return Outcome(
         latencies_ms=sorted((flow.received[e] - flow.sent[e]) * 1000 for e in counted),
         sent=total,
         counted=len(counted),
         repeats=flow.repeats,
         stages=await stages(url, flow, counted),
-        consumer_batches=consumer.batches,
-        applied=consumer.applied,
-        relay_batches=relay.batches,
-        published=relay.published,
+        consumer_batches=consumer_batches,
+        applied=applied,
+        relay_batches=relay_batches,
+        published=published,
         late_sends=flow.late,
     )
+
+
+def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
+    """``orderflow <command>`` configured as ``settings`` (stderr passed through)."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        "ORDERFLOW_INBOUND_TOPIC": settings.inbound_topic,
+        "ORDERFLOW_OUTBOUND_TOPIC": settings.outbound_topic,
+        "ORDERFLOW_DLQ_TOPIC": settings.dlq_topic,
+        "ORDERFLOW_CONSUMER_GROUP": settings.consumer_group,
+        "ORDERFLOW_KAFKA_IDEMPOTENCE": "true" if settings.kafka_idempotence else "false",
+        "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "orderflow", command, "--log-level", "WARNING"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def until_exit(process: subprocess.Popen[bytes]) -> None:
+    await asyncio.to_thread(process.wait)
+    if process.returncode != 0:
+        raise RuntimeError(f"{process.args} exited with code {process.returncode}")
+
+
+async def counts(url: str) -> tuple[int, int, int, int]:
+    """(consumer transactions, applied, relay batches, published), from the database:
+    rows of one transaction or one mark share their ``now()``."""
+    connection = await asyncpg.connect(url)
+    try:
+        row = await connection.fetchrow(
+            """
+            SELECT (SELECT count(DISTINCT processed_at) FROM processed_events) AS transactions,
+                   (SELECT count(*) FROM processed_events) AS applied,
+                   (SELECT count(DISTINCT published_at) FROM outbox_messages) AS batches,
+                   (SELECT count(published_at) FROM outbox_messages) AS published
+            """
+        )
+    finally:
+        await connection.close()
+    assert row is not None
+    return row["transactions"], row["applied"], row["batches"], row["published"]
 
 
 async def watch(tasks: list[asyncio.Task[None]], work: Awaitable[T]) -> T:
@@ -419,6 +481,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--partitions", type=int, default=3, help="partitions of each topic (default 3)"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run consume and relay as tasks of this process instead of as `orderflow "
+        "consume` / `orderflow relay` processes (they then share one event loop with the "
+        "producer and the subscriber)",
     )
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.seconds <= WARM_UP_SECONDS or args.partitions < 1:

@@ -220,6 +220,7 @@ class OrderConsumer:
 
     async def close_lanes(self, partitions: Iterable[TopicPartition]) -> None:
         """Stop the lanes of ``partitions`` once their batch in flight is done."""
+        partitions = list(partitions)
         closing = [lane for p in partitions if (lane := self._lanes.pop(p, None)) is not None]
         for lane in closing:
             lane.closed = True

@@ -122,22 +122,22 @@ async def read_topic(
 
 @contextlib.asynccontextmanager
 async def running_consumer(settings: Settings) -> AsyncIterator[OrderConsumer]:
-    stop = asyncio.Event()
-    started: asyncio.Future[OrderConsumer] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_consumer(settings, stop, ready=started.set_result))
-    await _wait_started(task, started)
-    try:
-        yield started.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=40)
+    async with _running(run_consumer, settings) as consumer:
+        yield consumer
 
 
 @contextlib.asynccontextmanager
 async def running_relay(settings: Settings) -> AsyncIterator[Relay]:
+    async with _running(run_relay, settings) as relay:
+        yield relay
+
+
+@contextlib.asynccontextmanager
+async def _running(run: Callable[..., Awaitable[None]], settings: Settings) -> AsyncIterator[Any]:
+    """Run a component (``run_consumer`` / ``run_relay``) until the block ends; yield it."""
     stop = asyncio.Event()
-    started: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_relay(settings, stop, ready=started.set_result))
+    started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(settings, stop, ready=started.set_result))
     await _wait_started(task, started)
     try:
         yield started.result()

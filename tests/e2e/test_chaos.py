@@ -17,18 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import random
 import signal
-import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -40,7 +37,7 @@ from consumer.models import ConsumerOffset, Order, ProcessedEvent
 from orderflow.samples import SampleStream
 from orderflow.settings import Settings
 from outbox.models import OutboxRecord
-from tests.e2e.test_processes import ORDERFLOW, Process, process_env
+from tests.e2e.processes import Launcher, Process
 from tests.helpers import Expected, TestEnv, decode_json, expected_outcome, header_map
 from tests.proxy import TcpProxy
 
@@ -50,45 +47,6 @@ Message = tuple[bytes | None, bytes | None]
 
 
 # --- processes --------------------------------------------------------------------------------
-
-
-class Launcher:
-    """Starts ``orderflow <command>`` processes; ``kill_all`` SIGKILLs what still runs."""
-
-    def __init__(self, logs: Path) -> None:
-        self._logs = logs
-        self.started: list[Process] = []
-
-    def start(self, command: str, settings: Settings, **extra: str) -> Process:
-        log = self._logs / f"{len(self.started):02d}-{command}.stderr"
-        with log.open("wb") as stderr:
-            popen = subprocess.Popen(
-                [*ORDERFLOW, command],
-                env=process_env(settings, **extra),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,  # its own process group: teardown kills all of it
-            )
-        process = Process(command, popen, log)
-        self.started.append(process)
-        return process
-
-    def kill_all(self) -> None:
-        for process in self.started:
-            if process.popen.poll() is None:  # not reaped yet: the group id is still ours
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.popen.pid, signal.SIGKILL)
-            process.popen.wait(timeout=30)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.kill_all()
 
 
 async def sigkill(process: Process) -> None:

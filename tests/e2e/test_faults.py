@@ -11,8 +11,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,9 +21,9 @@ from orderflow.embedded import EmbeddedKafka, free_port
 from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
 from outbox.models import OutboxRecord
+from tests.e2e.processes import Launcher, Process
 from tests.e2e.test_chaos import (
     BUSY,
-    Launcher,
     SlowLink,
     Stream,
     assert_consistent,
@@ -38,7 +37,6 @@ from tests.e2e.test_chaos import (
     wait_drained,
     wait_progress,
 )
-from tests.e2e.test_processes import Process
 from tests.helpers import (
     Expected,
     TestEnv,
@@ -52,15 +50,6 @@ from tests.proxy import TcpProxy
 from tests.services import Services
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.kill_all()
 
 
 async def hold(seconds: float, *processes: Process) -> None:

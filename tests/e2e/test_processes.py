@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterator
 from itertools import islice
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -26,6 +22,7 @@ from sqlalchemy.engine import make_url
 from consumer.models import ProcessedEvent
 from orderflow.samples import SampleStream
 from orderflow.settings import Settings
+from tests.e2e.processes import ORDERFLOW, Process, Start, process_env
 from tests.helpers import (
     Expected,
     TestEnv,
@@ -45,9 +42,6 @@ pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 
-ORDERFLOW = (sys.executable, "-m", "orderflow")
-#: What the processes read from the environment; the test's Settings decide all of it.
-_SETTINGS_VARIABLES = ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")
 SCHEMA_TABLES = {
     "orders",
     "customers",
@@ -58,93 +52,6 @@ SCHEMA_TABLES = {
 }
 #: A password that must never show in an error line.
 SECRET = "s3cret-e2e"
-
-
-def process_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of an ``orderflow`` process configured as ``settings``.
-
-    Nothing leaks in from the caller's own DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS or
-    ORDERFLOW_* variables; ``extra`` adds or overrides variables.
-    """
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in _SETTINGS_VARIABLES and not name.startswith("ORDERFLOW_")
-    }
-    values = {
-        "DATABASE_URL": settings.database_url,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "ORDERFLOW_INBOUND_TOPIC": settings.inbound_topic,
-        "ORDERFLOW_OUTBOUND_TOPIC": settings.outbound_topic,
-        "ORDERFLOW_DLQ_TOPIC": settings.dlq_topic,
-        "ORDERFLOW_CONSUMER_GROUP": settings.consumer_group,
-        "ORDERFLOW_DB_POOL_SIZE": str(settings.db_pool_size),
-        "ORDERFLOW_KAFKA_IDEMPOTENCE": "true" if settings.kafka_idempotence else "false",
-        "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
-    }
-    environment.update({name: value for name, value in values.items() if value is not None})
-    environment.update(extra)
-    return environment
-
-
-@dataclass
-class Process:
-    """One running ``orderflow`` command; its stderr goes to ``log``."""
-
-    command: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def describe(self) -> str:
-        tail = "\n".join(self.stderr().splitlines()[-40:])
-        return (
-            f"orderflow {self.command} (pid {self.popen.pid}, exit code {self.popen.poll()}); "
-            f"stderr ends with:\n{tail}"
-        )
-
-    def assert_running(self) -> None:
-        if self.popen.poll() is not None:
-            pytest.fail(f"{self.describe()}\nexited while it should be working")
-
-    async def exit_code(self, *, within: float) -> int:
-        try:
-            return await asyncio.to_thread(self.popen.wait, within)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.describe()}\ndid not exit within {within:.0f} s")
-
-
-Start = Callable[..., Process]
-
-
-@pytest.fixture
-def orderflow(tmp_path: Path) -> Iterator[Start]:
-    """Start ``orderflow <command>`` processes; whatever still runs at teardown is killed."""
-    started: list[Process] = []
-
-    def start(command: str, settings: Settings, **extra: str) -> Process:
-        log = tmp_path / f"{len(started):02d}-{command}.stderr"
-        with log.open("wb") as stderr:
-            popen = subprocess.Popen(
-                [*ORDERFLOW, command],
-                env=process_env(settings, **extra),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,  # its own process group: teardown kills all of it
-            )
-        process = Process(command, popen, log)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.popen.poll() is None:  # not reaped yet: the group id is still ours
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.popen.pid, signal.SIGKILL)
-        process.popen.wait(timeout=30)
 
 
 async def while_running(work: Awaitable[T], *processes: Process) -> T:

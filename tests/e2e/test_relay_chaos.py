@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from orderflow.samples import SampleStream
 from outbox.models import OutboxRecord
-from tests.e2e.test_processes import Process, Start, orderflow, while_running  # noqa: F401
+from tests.e2e.processes import Process, Start
+from tests.e2e.test_processes import while_running
 from tests.helpers import (
     TestEnv,
     applied_count,
@@ -46,7 +47,7 @@ async def unpublished(env: TestEnv) -> int:
 @pytest.mark.timeout(240)
 async def test_three_relays_killed_at_random_keep_every_order_in_version_order(
     env: TestEnv,
-    orderflow: Start,  # noqa: F811 - the fixture imported above
+    orderflow: Start,
 ) -> None:
     rng = random.Random(20261127)
     stream = SampleStream(seed=5, fault_every=15)

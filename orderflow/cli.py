@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import Coroutine
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 
-from orderflow import logs
-from orderflow.settings import Settings, SettingsError, redacted
-from orderflow.wiring import StartupError
+from orderflow import cli_backfill, cli_contracts, cli_observe, logs
+from orderflow.cli_support import (
+    BootstrapServers,
+    DatabaseUrl,
+    DlqTopic,
+    Group,
+    InboundTopic,
+    LogLevel,
+    OutboundTopic,
+    load_settings,
+    run,
+)
+from orderflow.settings import redacted
 
 app = typer.Typer(
     name="orderflow",
@@ -30,78 +38,6 @@ topics_app = typer.Typer(
 app.add_typer(topics_app, name="topics")
 outbox_app = typer.Typer(help="Inspect the transactional outbox.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="PostgreSQL URL (postgresql:// or postgresql+asyncpg://). Env: DATABASE_URL.",
-        show_default=False,
-    ),
-]
-BootstrapServers = Annotated[
-    str | None,
-    typer.Option(
-        "--bootstrap-servers",
-        help="Kafka host:port list, comma-separated. Env: KAFKA_BOOTSTRAP_SERVERS.",
-        show_default=False,
-    ),
-]
-Group = Annotated[
-    str | None,
-    typer.Option(
-        "--group",
-        help="Consumer group id. Env: ORDERFLOW_CONSUMER_GROUP (default: orderflow).",
-        show_default=False,
-    ),
-]
-InboundTopic = Annotated[
-    str | None,
-    typer.Option(
-        "--inbound-topic",
-        help="Env: ORDERFLOW_INBOUND_TOPIC (default: orders.events).",
-        show_default=False,
-    ),
-]
-OutboundTopic = Annotated[
-    str | None,
-    typer.Option(
-        "--outbound-topic",
-        help="Env: ORDERFLOW_OUTBOUND_TOPIC (default: orders.updates).",
-        show_default=False,
-    ),
-]
-DlqTopic = Annotated[
-    str | None,
-    typer.Option(
-        "--dlq-topic",
-        help="Env: ORDERFLOW_DLQ_TOPIC (default: orders.events.dlq).",
-        show_default=False,
-    ),
-]
-LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"orderflow: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def load_settings(**overrides: Any) -> Settings:
-    try:
-        return Settings.from_env(**overrides)
-    except SettingsError as error:
-        fail(str(error), 2)
-
-
-def run(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run a command's coroutine; known failures become one line and a non-zero exit."""
-    try:
-        asyncio.run(coroutine)
-    except SettingsError as error:
-        fail(str(error), 2)
-    except StartupError as error:
-        fail(str(error), 1)
 
 
 @app.command()
@@ -328,6 +264,10 @@ def outbox_stats_command(
         Console().print(table)
 
     run(main())
+
+
+for _module in (cli_backfill, cli_contracts, cli_observe):
+    _module.register(app)
 
 
 def main() -> None:

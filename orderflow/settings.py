@@ -40,6 +40,10 @@ class Settings:
     #: A group member silent for this long is declared dead and its partitions move.
     #: (Tansu also holds every group join for half of it.)
     kafka_session_timeout_ms: int = 10000
+    #: Port of the HTTP endpoint with /metrics, /healthz and /readyz (None: not served).
+    metrics_port: int | None = None
+    #: Inbound messages larger than this are dead-lettered (schema_violation), not parsed.
+    max_message_bytes: int = 1_048_576
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -108,6 +112,8 @@ _INTEGERS = {
     "consumer_batch_size": "ORDERFLOW_CONSUMER_BATCH_SIZE",
     "relay_batch_size": "ORDERFLOW_RELAY_BATCH_SIZE",
     "kafka_session_timeout_ms": "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS",
+    "metrics_port": "ORDERFLOW_METRICS_PORT",
+    "max_message_bytes": "ORDERFLOW_MAX_MESSAGE_BYTES",
 }
 
 

@@ -1,0 +1,9 @@
+"""Upstream and subscriber commands: import, publish, loadgen, tail, schemas."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``."""

@@ -1,0 +1,541 @@
+"""The read API (``orderflow api``) against the real test database.
+
+Requests go through httpx to the ASGI app with its lifespan running, so the app creates
+and disposes its own engine exactly as in production. One test starts the real
+``orderflow api`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+
+from consumer.models import Customer, Order, OrderLine
+from orderflow.api import Database, create_app, read_session
+from outbox import OutboxMessage, add_messages
+from outbox.stats import outbox_stats
+from tests import events
+from tests.e2e.processes import Launcher
+from tests.helpers import TestEnv, applied_count, eventually, outbox_rows, produce, running_consumer
+
+pytestmark = pytest.mark.integration
+
+BASE = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+
+
+@dataclass
+class Api:
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def database(self) -> Database:
+        database: Database = self.app.state.database
+        return database
+
+    @contextmanager
+    def statements(self) -> Iterator[list[str]]:
+        """Every SQL statement the app sends while the block runs."""
+        seen: list[str] = []
+
+        def record(_conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+            seen.append(statement)
+
+        engine = self.database.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            yield seen
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+
+
+@asynccontextmanager
+async def _serve(app: FastAPI) -> AsyncIterator[Api]:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://orderflow.test"
+        ) as client,
+    ):
+        yield Api(app, client)
+
+
+@pytest.fixture
+async def api(env: TestEnv) -> AsyncIterator[Api]:
+    async with _serve(create_app(env.settings)) as served:
+        yield served
+
+
+@dataclass(frozen=True)
+class Placed:
+    id: uuid.UUID
+    created_at: datetime
+    status: str
+    email: str
+
+
+async def insert_orders(env: TestEnv, specs: list[tuple[datetime, str, str]]) -> list[Placed]:
+    """One order per (created_at, status, customer email), each with three lines."""
+    placed: list[Placed] = []
+    async with env.sessions() as session, session.begin():
+        customers: dict[str, Customer] = {}
+        for email in sorted({email for _, _, email in specs}):
+            customers[email] = Customer(id=uuid.uuid4(), email=email, name=email.split("@")[0])
+            session.add(customers[email])
+        await session.flush()
+        for created_at, status, email in specs:
+            order_id = uuid.uuid4()
+            lines = [
+                OrderLine(
+                    position=position,
+                    sku=f"SKU-{position}",
+                    quantity=position + 1,
+                    unit_price=Decimal("1.50"),
+                )
+                for position in range(3)
+            ]
+            session.add(
+                Order(
+                    id=order_id,
+                    customer_id=customers[email].id,
+                    status=status,
+                    currency="EUR",
+                    total=sum((line.quantity * line.unit_price for line in lines), Decimal(0)),
+                    version=1,
+                    created_at=created_at,
+                    updated_at=created_at,
+                    lines=lines,
+                )
+            )
+            placed.append(Placed(order_id, created_at, status, email))
+    return placed
+
+
+def newest_first(orders: list[Placed]) -> list[uuid.UUID]:
+    return [order.id for order in sorted(orders, key=lambda o: (o.created_at, o.id), reverse=True)]
+
+
+async def walk(api: Api, limit: int, **filters: str) -> tuple[list[uuid.UUID], list[int]]:
+    """Follow ``next_cursor`` to the end: every id returned, and the size of each page."""
+    ids: list[uuid.UUID] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, str | int] = {"limit": limit, **filters}
+        if cursor is not None:
+            params["cursor"] = cursor
+        response = await api.client.get("/orders", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        ids.extend(uuid.UUID(order["id"]) for order in page["orders"])
+        sizes.append(len(page["orders"]))
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return ids, sizes
+        assert len(sizes) < 100, "pagination does not end"
+
+
+# --- GET /orders/{id} ----------------------------------------------------------------------
+
+
+async def test_an_order_reads_as_its_latest_outbound_update(env: TestEnv, api: Api) -> None:
+    """Applied by the real consumer: the API's order equals the ``order`` object of the
+    latest OrderUpdated in the outbox, field by field, and ``version`` its order_version."""
+    order_id = uuid.uuid4()
+    lines = [
+        {"sku": "SKU-B", "quantity": 3, "unit_price": "0.10"},
+        {"sku": "SKU-A", "quantity": 1, "unit_price": "99.9"},
+    ]
+    await produce(
+        env.settings,
+        [
+            events.placed(order_id, email="grace@example.com", name="Grace", lines=lines),
+            events.paid(order_id, amount="100.20"),
+        ],
+    )
+    async with running_consumer(env.settings):
+
+        async def both_applied() -> None:
+            assert await applied_count(env.sessions) == 2
+
+        await eventually(both_applied)
+
+    updates = await outbox_rows(env.sessions, topic=env.settings.outbound_topic)
+    latest = orjson.loads(updates[-1].payload or b"")
+    response = await api.client.get(f"/orders/{order_id}")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body.pop("version") == latest["order_version"] == 2
+    assert body == latest["order"]
+    assert body["status"] == "paid"
+    assert body["total"] == "100.20"
+    assert [line["sku"] for line in body["lines"]] == ["SKU-B", "SKU-A"]
+
+
+async def test_an_unknown_order_is_404_with_a_detail(api: Api) -> None:
+    missing = uuid.uuid4()
+    response = await api.client.get(f"/orders/{missing}")
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"order {missing} not found"}
+
+
+async def test_an_id_that_is_not_a_uuid_is_422(api: Api) -> None:
+    response = await api.client.get("/orders/12345")
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["path", "order_id"]
+
+
+# --- eager loading, sessions ---------------------------------------------------------------
+
+
+async def test_a_page_costs_the_same_statements_for_1_or_20_orders(env: TestEnv, api: Api) -> None:
+    """Customer joined, lines in one IN query: no N+1, and no lazy load (lazy="raise"
+    would turn one into a 500)."""
+    emails = [f"c{index}@example.com" for index in range(20)]
+    placed = await insert_orders(
+        env, [(BASE + timedelta(minutes=i), "pending", email) for i, email in enumerate(emails)]
+    )
+    assert (await api.client.get("/healthz")).status_code == 200
+
+    with api.statements() as one:
+        response = await api.client.get("/orders", params={"limit": 1})
+    assert response.status_code == 200
+    assert len(response.json()["orders"]) == 1
+
+    with api.statements() as twenty:
+        response = await api.client.get("/orders", params={"limit": 20})
+    assert response.status_code == 200
+    orders = response.json()["orders"]
+    assert [uuid.UUID(order["id"]) for order in orders] == newest_first(placed)
+    assert all(len(order["lines"]) == 3 for order in orders)
+    assert {order["customer"]["email"] for order in orders} == set(emails)
+
+    with api.statements() as filtered:
+        response = await api.client.get(
+            "/orders", params={"customer_email": emails[3], "status": "pending"}
+        )
+    assert [order["id"] for order in response.json()["orders"]] == [str(placed[3].id)]
+
+    with api.statements() as single:
+        response = await api.client.get(f"/orders/{placed[0].id}")
+    assert response.status_code == 200
+
+    assert len(one) == len(twenty) == len(filtered) == len(single) == 2, twenty
+
+
+async def test_every_session_goes_back_to_the_pool(env: TestEnv, api: Api) -> None:
+    """Successes, 404s, 422s and many concurrent requests (more than the pool holds):
+    all answered, and afterwards no connection is checked out."""
+    (order,) = await insert_orders(env, [(BASE, "paid", "ada@example.com")])
+    paths = [f"/orders/{order.id}", f"/orders/{uuid.uuid4()}", "/orders", "/outbox/stats"] * 10
+    paths.append("/orders?cursor=nonsense")
+    responses = await asyncio.gather(*(api.client.get(path) for path in paths))
+    assert sorted({response.status_code for response in responses}) == [200, 404, 422]
+    assert sum(response.status_code == 200 for response in responses) == 30
+    assert api.database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_requests_read_in_read_only_repeatable_read_transactions(api: Api) -> None:
+    sessions = read_session(api.database)
+    session = await anext(sessions)
+    try:
+        read_only = (await session.execute(text("SHOW transaction_read_only"))).scalar_one()
+        isolation = (await session.execute(text("SHOW transaction_isolation"))).scalar_one()
+    finally:
+        await sessions.aclose()
+    assert (read_only, isolation) == ("on", "repeatable read")
+
+
+# --- GET /orders: pagination and filters ---------------------------------------------------
+
+
+async def test_pages_return_every_order_once_newest_first(env: TestEnv, api: Api) -> None:
+    """23 orders, several created at the same instant (the id breaks the tie), two
+    customers, three statuses: every filter combination, walked 4 at a time."""
+    statuses = ["pending", "paid", "cancelled"]
+    specs = []
+    for index in range(23):
+        created_at = BASE + timedelta(seconds=index // 3)  # three orders per instant
+        specs.append((created_at, statuses[index % 3], f"c{index % 2}@example.com"))
+    placed = await insert_orders(env, specs)
+
+    cases: list[dict[str, str]] = [
+        {},
+        {"status": "paid"},
+        {"customer_email": "c1@example.com"},
+        {"status": "pending", "customer_email": "c0@example.com"},
+        {"customer_email": "nobody@example.com"},
+    ]
+    for filters in cases:
+        expected = newest_first(
+            [
+                order
+                for order in placed
+                if order.status == filters.get("status", order.status)
+                and order.email == filters.get("customer_email", order.email)
+            ]
+        )
+        ids, sizes = await walk(api, 4, **filters)
+        assert ids == expected, filters
+        assert all(size == 4 for size in sizes[:-1]), (filters, sizes)
+        assert 0 <= sizes[-1] <= 4
+
+    ids, sizes = await walk(api, 200)
+    assert (len(ids), sizes) == (23, [23])
+
+
+async def test_an_order_placed_while_paging_neither_repeats_nor_shifts_a_page(
+    env: TestEnv, api: Api
+) -> None:
+    placed = await insert_orders(
+        env, [(BASE + timedelta(minutes=i), "pending", "ada@example.com") for i in range(6)]
+    )
+    first = (await api.client.get("/orders", params={"limit": 3})).json()
+    await insert_orders(env, [(BASE + timedelta(hours=1), "pending", "bob@example.com")])
+    second = (
+        await api.client.get("/orders", params={"limit": 3, "cursor": first["next_cursor"]})
+    ).json()
+
+    ids = [uuid.UUID(order["id"]) for order in first["orders"] + second["orders"]]
+    assert ids == newest_first(placed)
+    assert second["next_cursor"] is None
+
+
+async def test_the_default_page_is_50_orders(env: TestEnv, api: Api) -> None:
+    await insert_orders(
+        env, [(BASE + timedelta(seconds=i), "paid", "ada@example.com") for i in range(51)]
+    )
+    page = (await api.client.get("/orders")).json()
+    assert len(page["orders"]) == 50
+    assert page["next_cursor"] is not None
+
+
+def _cursor(document: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(document)).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("params", "location", "message"),
+    [
+        pytest.param({"status": "lost"}, "status", "'pending'", id="unknown-status"),
+        pytest.param({"limit": "0"}, "limit", "greater than or equal to 1", id="limit-0"),
+        pytest.param({"limit": "201"}, "limit", "less than or equal to 200", id="limit-201"),
+        pytest.param({"limit": "ten"}, "limit", "valid integer", id="limit-text"),
+        pytest.param({"customer_email": ""}, "customer_email", "at least 1", id="empty-email"),
+        pytest.param({"cursor": "%%%"}, "cursor", "not a cursor", id="cursor-not-base64"),
+        pytest.param(
+            {"cursor": base64.urlsafe_b64encode(b"\xff\x00").decode()},
+            "cursor",
+            "not a cursor",
+            id="cursor-not-json",
+        ),
+        pytest.param(
+            {"cursor": _cursor({"v": 99, "t": BASE.isoformat(), "id": str(uuid.uuid4())})},
+            "cursor",
+            "not a cursor",
+            id="cursor-unknown-version",
+        ),
+        pytest.param({"cursor": _cursor([1, 2])}, "cursor", "not a cursor", id="cursor-list"),
+        pytest.param({"cursor": "A" * 2000}, "cursor", "at most 1024", id="cursor-too-long"),
+    ],
+)
+async def test_invalid_query_parameters_are_422(
+    api: Api, params: dict[str, str], location: str, message: str
+) -> None:
+    response = await api.client.get("/orders", params=params)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", location]
+    assert message in error["msg"]
+
+
+async def test_a_tampered_cursor_is_422(env: TestEnv, api: Api) -> None:
+    await insert_orders(
+        env, [(BASE + timedelta(seconds=i), "paid", "ada@example.com") for i in range(3)]
+    )
+    cursor = (await api.client.get("/orders", params={"limit": 1})).json()["next_cursor"]
+    document = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+
+    async def rejection(tampered: str, **filters: str) -> str:
+        response = await api.client.get("/orders", params={"cursor": tampered, **filters})
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["query", "cursor"]
+        message: str = error["msg"]
+        return message
+
+    assert "damaged" in await rejection(_cursor({**document, "t": "yesterday"}))
+    assert "damaged" in await rejection(_cursor({**document, "t": "2026-11-24T10:00:00"}))
+    assert "damaged" in await rejection(_cursor({**document, "id": "not-a-uuid"}))
+    assert "damaged" in await rejection(_cursor({k: v for k, v in document.items() if k != "id"}))
+    assert "other filters" in await rejection(cursor, status="paid")
+    assert "other filters" in await rejection(_cursor({**document, "f": "0" * 16}))
+    assert "not a cursor" in await rejection(cursor[:-3])
+    # The untouched cursor still works.
+    assert (await api.client.get("/orders", params={"cursor": cursor})).status_code == 200
+
+
+# --- GET /outbox/stats ---------------------------------------------------------------------
+
+
+async def test_outbox_stats_per_topic(env: TestEnv, api: Api) -> None:
+    assert (await api.client.get("/outbox/stats")).json() == {"topics": []}
+
+    async with env.sessions() as session, session.begin():
+        await add_messages(
+            session,
+            [OutboxMessage("updates", b"k", b"v")] * 3 + [OutboxMessage("dlq", None, b"v")],
+        )
+    async with env.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET published_at = now() "
+                "WHERE id = (SELECT min(id) FROM outbox_messages WHERE topic = 'updates')"
+            )
+        )
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET created_at = now() - interval '1 hour' "
+                "WHERE topic = 'dlq'"
+            )
+        )
+    response = await api.client.get("/outbox/stats")
+
+    assert response.status_code == 200
+    topics = response.json()["topics"]
+    assert [topic["topic"] for topic in topics] == ["dlq", "updates"]
+    dlq, updates = topics
+    assert (dlq["backlog"], dlq["published_last_minute"]) == (1, 0)
+    assert 3590 < dlq["oldest_unpublished_age_seconds"] < 3610
+    assert (updates["backlog"], updates["published_last_minute"]) == (2, 1)
+    async with env.engine.connect() as connection:
+        assert [line.topic for line in await outbox_stats(connection)] == ["dlq", "updates"]
+
+
+# --- health, docs, database down -----------------------------------------------------------
+
+
+async def test_health_and_readiness(api: Api) -> None:
+    healthz = await api.client.get("/healthz")
+    readyz = await api.client.get("/readyz")
+    assert (healthz.status_code, healthz.json()) == (200, {"status": "ok"})
+    assert (readyz.status_code, readyz.json()) == (200, {"status": "ok"})
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_without_a_database_probes_and_reads_say_503(env: TestEnv) -> None:
+    """Nothing listens where the database should be: alive, not ready, reads are 503 (not
+    500), and the password never shows."""
+    settings = env.with_settings(
+        database_url=f"postgresql://orderflow:s3cret-pw@127.0.0.1:{_free_port()}/orders"
+    )
+    async with _serve(create_app(settings)) as api:
+        assert (await api.client.get("/healthz")).status_code == 200
+        readyz = await api.client.get("/readyz")
+        assert (readyz.status_code, readyz.json()) == (503, {"status": "database unavailable"})
+        for path in (f"/orders/{uuid.uuid4()}", "/orders", "/outbox/stats"):
+            response = await api.client.get(path)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"] == "5"
+            assert "s3cret" not in response.text
+        assert api.database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_openapi_document_and_docs_are_served(api: Api) -> None:
+    schema = (await api.client.get("/openapi.json")).json()
+    assert schema["info"]["title"] == "orderflow read API"
+    assert "keyset pagination" in schema["info"]["description"]
+    assert {"/orders/{order_id}", "/orders", "/outbox/stats", "/healthz", "/readyz"} <= set(
+        schema["paths"]
+    )
+    listing = schema["paths"]["/orders"]["get"]
+    assert {parameter["name"] for parameter in listing["parameters"]} == {
+        "status",
+        "customer_email",
+        "limit",
+        "cursor",
+    }
+    order = schema["components"]["schemas"]["OrderView"]
+    assert order["properties"]["created_at"]["format"] == "date-time"
+    docs = await api.client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+
+
+# --- the real process ----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+async def test_the_orderflow_api_process_serves_and_stops_on_sigterm(
+    env: TestEnv, tmp_path: Path
+) -> None:
+    (order,) = await insert_orders(env, [(BASE, "shipped", "ada@example.com")])
+    port = _free_port()
+    launcher = Launcher(tmp_path)
+    try:
+        process = launcher.start("api", env.settings, ORDERFLOW_API_PORT=str(port))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+
+            async def alive() -> httpx.Response:
+                process.assert_running()
+                try:
+                    response = await client.get("/healthz")
+                except httpx.TransportError as error:
+                    raise AssertionError(f"not listening yet: {error}") from error
+                assert response.status_code == 200
+                return response
+
+            await eventually(alive, within=30)
+            assert (await client.get("/readyz")).status_code == 200
+            response = await client.get(f"/orders/{order.id}")
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "shipped"
+            assert response.json()["customer"] == {"email": "ada@example.com", "name": "ada"}
+
+        process.popen.send_signal(signal.SIGTERM)
+        assert await process.exit_code(within=30) == 0, process.describe()
+    finally:
+        launcher.kill_all()
+
+
+@pytest.mark.e2e
+async def test_a_port_in_use_is_a_one_line_error(env: TestEnv, tmp_path: Path) -> None:
+    launcher = Launcher(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            process = launcher.start("api", env.settings, ORDERFLOW_API_PORT=str(port))
+            assert await process.exit_code(within=30) == 1
+        finally:
+            launcher.kill_all()
+    assert "Traceback" not in process.stderr()
+    assert process.stderr().strip().splitlines()[-1] == (
+        f"orderflow: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )

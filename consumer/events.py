@@ -21,7 +21,8 @@ import msgspec
 from consumer.errors import MalformedJson, SchemaViolation, UnknownEventType
 
 SCHEMA_VERSION: Final = 1
-#: Larger inbound values are dead-lettered as schema violations before any parsing.
+#: Larger inbound values are dead-lettered as schema violations before any parsing
+#: (the default of ``decode_event``'s ``max_bytes``; ORDERFLOW_MAX_MESSAGE_BYTES sets it).
 MAX_EVENT_BYTES: Final = 1024 * 1024
 #: Money: non-negative, at most this many digits after the point and before it.
 MONEY_MAX_SCALE: Final = 4
@@ -116,14 +117,33 @@ _payload_decoders: Final = {
 }
 
 
-def decode_event(key: bytes | None, value: bytes | None) -> InboundEvent:
-    """Turn one Kafka message into an :class:`InboundEvent`, or raise a ``RejectedEvent``."""
+def decode_event(
+    key: bytes | None, value: bytes | None, *, max_bytes: int = MAX_EVENT_BYTES
+) -> InboundEvent:
+    """Turn one Kafka message into an :class:`InboundEvent`, or raise a ``RejectedEvent``.
+
+    Whatever the bytes, this returns an event or raises a ``RejectedEvent``: no other
+    exception escapes (a property test throws arbitrary bytes and JSON at it). A value
+    over ``max_bytes`` is rejected before any parsing, so it costs no more than its length.
+    """
     if value is None:
         raise MalformedJson("the message has no value (a null record), expected a JSON object")
-    if len(value) > MAX_EVENT_BYTES:
+    if len(value) > max_bytes:
         raise SchemaViolation(
-            f"the event is {len(value)} bytes, larger than the limit of {MAX_EVENT_BYTES} bytes"
+            f"message is {len(value):,} bytes; the limit is {max_bytes:,} "
+            "(ORDERFLOW_MAX_MESSAGE_BYTES)"
         )
+    try:
+        return _decode(key, value)
+    except RecursionError:
+        # msgspec refuses to nest deeper than the interpreter's recursion limit: valid JSON
+        # perhaps, but no event looks like that (and it must not stop the consumer).
+        raise SchemaViolation(
+            "the JSON is nested too deeply to decode; an event nests a few levels at most"
+        ) from None
+
+
+def _decode(key: bytes | None, value: bytes) -> InboundEvent:
     try:
         # The contract says UTF-8; checking the whole value also covers fields we ignore.
         value.decode("utf-8")

@@ -9,7 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from orderflow.settings import Settings
-from orderflow.wiring import StartupError
+from orderflow.wiring import StartupError, kafka_common
 
 
 async def ensure_topics(
@@ -21,9 +21,7 @@ async def ensure_topics(
 ) -> list[str]:
     """Create the topics that don't exist yet; return the names created."""
     wanted = list(names or [settings.inbound_topic, settings.outbound_topic, settings.dlq_topic])
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.require_kafka(), request_timeout_ms=15000
-    )
+    admin = AIOKafkaAdminClient(**kafka_common(settings))
     try:
         await admin.start()
     except (KafkaError, OSError) as error:

@@ -583,8 +583,10 @@ def test_key_equal_to_the_order_id_text_is_accepted_whatever_its_case() -> None:
 def test_oversized_value_is_a_schema_violation_without_parsing() -> None:
     # Not JSON at all: it would be malformed_json if it were parsed.
     error = rejected(SchemaViolation, b"\xff" * (MAX_EVENT_BYTES + 1))
-    assert str(MAX_EVENT_BYTES) in error.message
-    assert str(MAX_EVENT_BYTES + 1) in error.message
+    assert error.message == (
+        f"message is {MAX_EVENT_BYTES + 1:,} bytes; the limit is {MAX_EVENT_BYTES:,} "
+        "(ORDERFLOW_MAX_MESSAGE_BYTES)"
+    )
 
 
 def test_oversized_valid_event_is_a_schema_violation() -> None:

@@ -15,6 +15,11 @@ Session discipline (each rule closes one of the classic async SQLAlchemy failure
   statements however many orders it returns, and nothing is loaded after the session ends.
 - Responses are built as pydantic models while the session is open; no ORM object leaves
   the path operation function.
+
+Metrics: ``GET /metrics`` serves the app's own Prometheus registry (:class:`ApiMetrics`,
+one per app, so several apps in one process don't clash). A plain ASGI middleware counts
+every other request once it has been routed, labelled by the route's template
+(``/orders/{order_id}``), never by the raw path, so the number of series stays bounded.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gzip
 import hashlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,18 +41,25 @@ from typing import Annotated, Any, Final, NoReturn
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 from sqlalchemy import exc as sqlalchemy_errors
 from sqlalchemy import select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.pool import QueuePool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumer.models import Customer, Order
 from consumer.state_machine import OrderStatus
 from consumer.updates import format_timestamp, money_text
 from orderflow import __version__
+from orderflow.metrics import ComponentMetrics
 from orderflow.settings import Settings
 from orderflow.wiring import create_engine
 from outbox.stats import outbox_stats
@@ -62,6 +76,19 @@ _MAX_CURSOR_LENGTH: Final = 1024
 _CURSOR_VERSION: Final = 1
 _TIMESTAMP_FORMAT: JsonDict = {"format": "date-time", "examples": ["2026-11-24T10:15:00.123456Z"]}
 _MONEY_FORMAT: JsonDict = {"pattern": r"^\d+(\.\d+)?$", "examples": ["25.00"]}
+#: Where Prometheus scrapes; requests to it are not counted in the request metrics.
+METRICS_PATH: Final = "/metrics"
+#: The ``route`` label of requests that matched no route (404s for unknown paths): one
+#: fixed value, so scanners probing random paths can't create series.
+UNMATCHED_ROUTE: Final = "unmatched"
+#: The ``method`` label of requests with a method outside :data:`_METHODS`.
+OTHER_METHOD: Final = "other"
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: One request, routing to the last byte sent: milliseconds normally, up to the pool's 30 s
+#: wait for a connection when the database is slow.
+REQUEST_DURATION_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 _DESCRIPTION = """
 Read-only HTTP access to the orders that `orderflow consume` writes, and to the state of
@@ -75,6 +102,7 @@ the transactional outbox.
   last page. Cursors are opaque and tied to the filters they were issued with.
 * Errors are JSON: `404` with a `detail` sentence, `422` with the list of invalid
   parameters, `503` when the database cannot be reached.
+* Prometheus metrics are at `/metrics` (not listed here).
 """
 
 _TAGS = [
@@ -177,6 +205,8 @@ def create_app(settings: Settings) -> FastAPI:
     """The read API for the database of ``settings``; it connects when it starts serving."""
     settings.require_database()  # a bad URL fails here, not on the first request
 
+    metrics = ApiMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
@@ -184,9 +214,11 @@ def create_app(settings: Settings) -> FastAPI:
             isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
         app.state.database = Database(engine, async_sessionmaker(read_only, expire_on_commit=False))
+        metrics.watch(engine)
         try:
             yield
         finally:
+            metrics.watch(None)
             await engine.dispose()
 
     app = FastAPI(
@@ -197,7 +229,11 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_tags=_TAGS,
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     _add_routes(app)
+    # Inside Starlette's ServerErrorMiddleware (so it sees an unhandled error's 500) and
+    # outside the exception handlers (so it sees the 404, 422 and 503 they answer).
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_exception_handler(sqlalchemy_errors.OperationalError, _database_unavailable)
     app.add_exception_handler(sqlalchemy_errors.InterfaceError, _database_unavailable)
     app.add_exception_handler(sqlalchemy_errors.TimeoutError, _database_unavailable)
@@ -208,6 +244,11 @@ def create_app(settings: Settings) -> FastAPI:
 def database(request: Request) -> Database:
     state: Database = request.app.state.database
     return state
+
+
+def app_metrics(request: Request) -> ApiMetrics:
+    metrics: ApiMetrics = request.app.state.metrics
+    return metrics
 
 
 async def read_session(
@@ -353,15 +394,47 @@ def _add_routes(app: FastAPI) -> None:
         response_model=Health,
         responses={503: {"model": Health, "description": "The database does not answer."}},
     )
-    async def readyz(db: Annotated[Database, Depends(database)]) -> Any:
+    async def readyz(
+        db: Annotated[Database, Depends(database)],
+        metrics: Annotated[ApiMetrics, Depends(app_metrics)],
+    ) -> Any:
         """200 when the database answers a query within a few seconds, else 503."""
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_SECONDS), db.engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
-        except (TimeoutError, OSError, sqlalchemy_errors.SQLAlchemyError) as error:
-            log.warning("not ready: the database does not answer (%s)", type(error).__name__)
+        ready = await _database_answers(db)
+        metrics.set_ready(ready)
+        if not ready:
             return JSONResponse({"status": "database unavailable"}, status_code=503)
         return Health(status="ok")
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def metrics_endpoint(
+        request: Request,
+        db: Annotated[Database, Depends(database)],
+        metrics: Annotated[ApiMetrics, Depends(app_metrics)],
+    ) -> Response:
+        """Prometheus text format (OpenMetrics when asked for, gzip when accepted).
+
+        ``orderflow_ready`` is checked afresh for each scrape (the /readyz check), so it is
+        right even where nothing probes /readyz.
+        """
+        metrics.set_ready(await _database_answers(db))
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        payload = encoder(metrics.registry)
+        headers = {"Cache-Control": "no-store"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            payload = gzip.compress(payload)
+            headers["Content-Encoding"] = "gzip"
+        return Response(payload, media_type=content_type, headers=headers)
+
+
+async def _database_answers(db: Database) -> bool:
+    """Whether the database answers ``SELECT 1`` within ``READY_TIMEOUT_SECONDS``."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), db.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except (TimeoutError, OSError, sqlalchemy_errors.SQLAlchemyError) as error:
+        log.warning("not ready: the database does not answer (%s)", type(error).__name__)
+        return False
+    return True
 
 
 def _with_details(statement: Any) -> Any:
@@ -385,6 +458,140 @@ def order_view(order: Order) -> OrderView:
         updated_at=format_timestamp(order.updated_at),
         version=order.version,
     )
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+class ApiMetrics(ComponentMetrics):
+    """The read API's metrics, in a registry of the app's own.
+
+    From :class:`~orderflow.metrics.ComponentMetrics`: ``orderflow_build_info`` (component
+    ``api``), ``orderflow_ready`` and the process metrics. Here: requests by method, route
+    template and status, their duration, requests in flight, and the connection pool.
+    """
+
+    component = "api"
+
+    def __init__(self) -> None:
+        super().__init__()
+        registry = self.registry
+        self._requests = Counter(
+            "orderflow_api_requests",
+            "HTTP requests answered, by method, route template (not the raw path; "
+            f"'{UNMATCHED_ROUTE}' for unknown paths) and status code; /metrics excluded.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "orderflow_api_request_duration_seconds",
+            "Time from receiving a request to the last byte of its response, by method and "
+            "route template; /metrics excluded.",
+            ["method", "route"],
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._in_progress = Gauge(
+            "orderflow_api_requests_in_progress",
+            "HTTP requests being served now (/metrics included).",
+            registry=registry,
+        )
+        # Children by (method, route, status): a dict lookup per request instead of
+        # prometheus_client's label validation and locked lookup. Bounded: a few methods,
+        # the app's routes plus one, the statuses the app answers.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._engine: AsyncEngine | None = None
+        registry.register(_PoolCollector(self))
+
+    def watch(self, engine: AsyncEngine | None) -> None:
+        """Report the pool of ``engine`` from now on (None: no pool, while not serving)."""
+        self._engine = engine
+
+    def request_started(self) -> None:
+        self._in_progress.inc()
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self._in_progress.dec()
+        if route == METRICS_PATH:
+            return
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._requests.labels(method, route, str(status)),
+                self._duration.labels(method, route),
+            )
+        requests, duration = children
+        requests.inc()
+        duration.observe(seconds)
+
+    def collect_pool(self) -> Iterable[Metric]:
+        pool = self._engine.pool if self._engine is not None else None
+        if not isinstance(pool, QueuePool):
+            return
+        yield GaugeMetricFamily(
+            "orderflow_api_database_connections_in_use",
+            "Database connections checked out of the pool now (a request or a probe holds "
+            "each); at orderflow_api_database_pool_size, further requests wait.",
+            value=pool.checkedout(),
+        )
+        yield GaugeMetricFamily(
+            "orderflow_api_database_pool_size",
+            "Database connections the pool may hold (--pool-size): requests served at once.",
+            value=pool.size(),
+        )
+
+
+class _PoolCollector(Collector):
+    def __init__(self, metrics: ApiMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._metrics.collect_pool())
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each HTTP request under its route template.
+
+    The route is read from ``scope["route"]``, which the router sets when it matches, so
+    it costs no path matching of its own. A request that raises before a response started
+    counts as the 500 that Starlette then answers.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.request_started()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            method = scope["method"]
+            self.metrics.request_finished(
+                method if method in _METHODS else OTHER_METHOD,
+                route_template(scope),
+                status,
+                time.perf_counter() - started,
+            )
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route the request matched, or :data:`UNMATCHED_ROUTE`."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE
 
 
 # --- cursors -----------------------------------------------------------------------------

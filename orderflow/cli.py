@@ -21,6 +21,20 @@ from orderflow.cli_support import (
 )
 from orderflow.settings import redacted
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=1,
+        max=65535,
+        help=(
+            "Serve /metrics (Prometheus), /healthz and /readyz on this port, on every "
+            "interface. Env: ORDERFLOW_METRICS_PORT (default: not served)."
+        ),
+        show_default=False,
+    ),
+]
+
 app = typer.Typer(
     name="orderflow",
     help=(
@@ -88,6 +102,7 @@ def consume(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run one consumer-group member: inbound events -> orders + outbox, one transaction per batch.
@@ -105,6 +120,7 @@ def consume(
         dlq_topic=dlq_topic,
         db_pool_size=pool_size,
         consumer_batch_size=batch_size,
+        metrics_port=metrics_port,
     )
 
     async def main() -> None:
@@ -130,6 +146,7 @@ def relay(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPort = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run one relay: publish unpublished outbox rows in order, then mark them published.
@@ -142,6 +159,7 @@ def relay(
         database_url=database_url,
         kafka_bootstrap_servers=bootstrap_servers,
         relay_batch_size=batch_size,
+        metrics_port=metrics_port,
     )
 
     async def main() -> None:

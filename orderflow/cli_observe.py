@@ -55,11 +55,12 @@ def api(
     ] = True,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Serve the read-only HTTP API: orders, outbox stats, health probes.
+    """Serve the read-only HTTP API: orders, outbox stats, health probes, metrics.
 
     GET /orders/{id} and GET /orders (filters, cursor pagination), GET /outbox/stats.
 
-    GET /healthz (alive) and GET /readyz (database answers) for probes.
+    GET /healthz (alive) and GET /readyz (database answers) for probes; GET /metrics for
+    Prometheus.
 
     Interactive docs at /docs, the OpenAPI schema at /openapi.json.
 

@@ -11,6 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.apply import Destinations
 from consumer.intake import ConsumerConfig, OrderConsumer
+from orderflow.health import serve_health
+from orderflow.metrics import ConsumerMetrics, RelayMetrics
 from orderflow.settings import Settings
 from orderflow.wiring import (
     check_database,
@@ -39,6 +41,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         ),
         max_batch=settings.consumer_batch_size,
         concurrency=settings.db_pool_size,
+        max_message_bytes=settings.max_message_bytes,
     )
 
 
@@ -56,22 +59,31 @@ async def run_consumer(
     ready: Callable[[OrderConsumer], Awaitable[None] | None] | None = None,
 ) -> None:
     settings.require_kafka()  # every setting is checked before any service is contacted
-    engine = create_engine(settings)
+    metrics = ConsumerMetrics()
+    # No ping per checkout: a transaction on a connection the server dropped fails as a
+    # transient fault and is retried on a fresh one (the failed connection is discarded).
+    engine = create_engine(settings, pre_ping=False)
     try:
-        await check_database(engine)
-        kafka = create_consumer(settings)
-        order_consumer = OrderConsumer(kafka, session_factory(engine), consumer_config(settings))
-        order_consumer.subscribe()
-        await start_kafka_client(kafka, settings)
-        try:
-            log.info("consuming %s as group %s", settings.inbound_topic, settings.consumer_group)
-            if ready is not None:
-                result = ready(order_consumer)
-                if result is not None:
-                    await result
-            await _until_stopped(order_consumer.run(stop), stop)
-        finally:
-            await _stop_client(kafka, "consumer")
+        async with serve_health(settings, metrics, stop):
+            await check_database(engine)
+            kafka = create_consumer(settings)
+            order_consumer = OrderConsumer(
+                kafka, session_factory(engine), consumer_config(settings), observer=metrics
+            )
+            metrics.watch(order_consumer, kafka)
+            order_consumer.subscribe()
+            await start_kafka_client(kafka, settings)
+            try:
+                log.info(
+                    "consuming %s as group %s", settings.inbound_topic, settings.consumer_group
+                )
+                if ready is not None:
+                    result = ready(order_consumer)
+                    if result is not None:
+                        await result
+                await _until_stopped(order_consumer.run(stop), stop)
+            finally:
+                await _stop_client(kafka, "consumer")
     finally:
         await engine.dispose()
 
@@ -83,21 +95,24 @@ async def run_relay(
     ready: Callable[[Relay], Awaitable[None] | None] | None = None,
 ) -> None:
     settings.require_kafka()
+    metrics = RelayMetrics()
     engine = create_engine(settings, pool_size=1)
     try:
-        await check_database(engine)
-        producer = create_producer(settings)
-        await start_kafka_client(producer, settings)
-        try:
-            relay = Relay(engine, producer, relay_config(settings))
-            log.info("relaying the outbox")
-            if ready is not None:
-                result = ready(relay)
-                if result is not None:
-                    await result
-            await _until_stopped(relay.run(stop), stop)
-        finally:
-            await _stop_client(producer, "producer")
+        async with serve_health(settings, metrics, stop):
+            await check_database(engine)
+            producer = create_producer(settings)
+            await start_kafka_client(producer, settings)
+            try:
+                relay = Relay(engine, producer, relay_config(settings), observer=metrics)
+                metrics.watch(relay)
+                log.info("relaying the outbox")
+                if ready is not None:
+                    result = ready(relay)
+                    if result is not None:
+                        await result
+                await _until_stopped(relay.run(stop), stop)
+            finally:
+                await _stop_client(producer, "producer")
     finally:
         await engine.dispose()
 

@@ -24,11 +24,20 @@ import httpx
 import orjson
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumer.models import Customer, Order, OrderLine
-from orderflow.api import Database, create_app, read_session
+from orderflow.api import (
+    METRICS_PATH,
+    UNMATCHED_ROUTE,
+    ApiMetrics,
+    Database,
+    create_app,
+    read_session,
+)
 from outbox import OutboxMessage, add_messages
 from outbox.stats import outbox_stats
 from tests import events
@@ -67,11 +76,12 @@ class Api:
 
 
 @asynccontextmanager
-async def _serve(app: FastAPI) -> AsyncIterator[Api]:
+async def _serve(app: FastAPI, *, raise_app_exceptions: bool = True) -> AsyncIterator[Api]:
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://orderflow.test"
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions),
+            base_url="http://orderflow.test",
         ) as client,
     ):
         yield Api(app, client)
@@ -516,6 +526,11 @@ async def test_the_orderflow_api_process_serves_and_stops_on_sigterm(
             assert response.status_code == 200, response.text
             assert response.json()["status"] == "shipped"
             assert response.json()["customer"] == {"email": "ada@example.com", "name": "ada"}
+            scraped = await scrape(client)
+            assert scraped.value("orderflow_api_requests_total", **by_order) == 1
+            (build,) = scraped.samples("orderflow_build_info")
+            assert dict(build)["component"] == "api"
+            assert scraped.value("orderflow_ready") == 1
 
         process.popen.send_signal(signal.SIGTERM)
         assert await process.exit_code(within=30) == 0, process.describe()
@@ -539,3 +554,207 @@ async def test_a_port_in_use_is_a_one_line_error(env: TestEnv, tmp_path: Path) -
     assert process.stderr().strip().splitlines()[-1] == (
         f"orderflow: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+# --- GET /metrics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One /metrics answer, parsed as Prometheus parses it."""
+
+    text: str
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Label set (sorted pairs) -> value, for every sample named ``name``."""
+        return {
+            tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(self.text)
+            for sample in family.samples
+            if sample.name == name
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples(name).get(tuple(sorted(labels.items())))
+
+    def label_values(self) -> set[str]:
+        return {
+            value
+            for family in text_string_to_metric_families(self.text)
+            for sample in family.samples
+            for value in sample.labels.values()
+        }
+
+
+async def scrape(client: httpx.AsyncClient, **headers: str) -> Scrape:
+    response = await client.get(METRICS_PATH, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    return Scrape(response.text)
+
+
+by_order = {"method": "GET", "route": "/orders/{order_id}", "status": "200"}
+
+
+def requests_by_labels(scraped: Scrape) -> dict[tuple[str, str, str], float]:
+    return {
+        (labels["method"], labels["route"], labels["status"]): value
+        for labels, value in (
+            (dict(key), value)
+            for key, value in scraped.samples("orderflow_api_requests_total").items()
+        )
+    }
+
+
+async def test_requests_are_counted_and_timed_by_route_template(env: TestEnv, api: Api) -> None:
+    (order,) = await insert_orders(env, [(BASE, "paid", "ada@example.com")])
+    missing = uuid.uuid4()
+    statuses = [
+        (await api.client.get(path)).status_code
+        for path in (
+            f"/orders/{order.id}",
+            f"/orders/{order.id}",
+            f"/orders/{missing}",
+            "/orders/not-a-uuid",
+            "/orders?limit=1",
+            "/orders?limit=0",
+            f"/no/such/path/{missing}",
+            "/healthz",
+        )
+    ]
+    assert statuses == [200, 200, 404, 422, 200, 422, 404, 200]
+    assert (await api.client.post("/orders", json={})).status_code == 405
+    assert (await api.client.request("BREW", "/orders")).status_code == 405
+    await scrape(api.client)  # not counted: /metrics is left out of the request metrics
+
+    scraped = await scrape(api.client)
+
+    assert requests_by_labels(scraped) == {
+        ("GET", "/orders/{order_id}", "200"): 2,
+        ("GET", "/orders/{order_id}", "404"): 1,
+        ("GET", "/orders/{order_id}", "422"): 1,
+        ("GET", "/orders", "200"): 1,
+        ("GET", "/orders", "422"): 1,
+        ("GET", UNMATCHED_ROUTE, "404"): 1,
+        ("GET", "/healthz", "200"): 1,
+        ("POST", "/orders", "405"): 1,
+        ("other", "/orders", "405"): 1,
+    }
+    durations = "orderflow_api_request_duration_seconds"
+    for (method, route), count in {
+        ("GET", "/orders/{order_id}"): 4,
+        ("GET", "/orders"): 2,
+        ("GET", UNMATCHED_ROUTE): 1,
+        ("POST", "/orders"): 1,
+    }.items():
+        labels = {"method": method, "route": route}
+        assert scraped.value(f"{durations}_count", **labels) == count
+        assert scraped.value(f"{durations}_bucket", **labels, le="+Inf") == count
+        assert 0 < (scraped.value(f"{durations}_sum", **labels) or 0) < 30
+        buckets = [
+            value
+            for key, value in scraped.samples(f"{durations}_bucket").items()
+            if {("method", method), ("route", route)} <= set(key)
+        ]
+        assert len(buckets) == 15  # 14 bounds and +Inf
+    # Bounded cardinality: no raw path, id or method from a request is a label value.
+    values = scraped.label_values()
+    assert not {str(order.id), str(missing), "not-a-uuid", "BREW", METRICS_PATH} & values
+    assert not [value for value in values if str(missing) in value or str(order.id) in value]
+    # The scrape itself is the one request in flight.
+    assert scraped.value("orderflow_api_requests_in_progress") == 1
+
+
+async def test_metrics_export_build_readiness_process_and_pool(env: TestEnv, api: Api) -> None:
+    async with api.database.engine.connect():  # one connection held: "in use"
+        scraped = await scrape(api.client)
+    assert scraped.value("orderflow_api_database_connections_in_use") == 1
+    assert scraped.value("orderflow_api_database_pool_size") == env.settings.db_pool_size
+    assert (await scrape(api.client)).value("orderflow_api_database_connections_in_use") == 0
+    (build,) = scraped.samples("orderflow_build_info")
+    assert dict(build)["component"] == "api"
+    assert dict(build)["version"]
+    assert scraped.value("orderflow_ready") == 1
+    assert scraped.value("process_resident_memory_bytes")
+    assert scraped.samples("python_info")
+
+    # What Prometheus asks for by default: OpenMetrics, gzip-compressed.
+    response = await api.client.get(
+        METRICS_PATH,
+        headers={
+            "Accept": "application/openmetrics-text; version=1.0.0",
+            "Accept-Encoding": "gzip",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.text.rstrip().endswith("# EOF")
+    assert "orderflow_api_requests_in_progress" in response.text
+
+
+async def test_an_unhandled_error_counts_as_a_500_of_its_route(env: TestEnv) -> None:
+    app = create_app(env.settings)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken/{item}", broken)
+    async with _serve(app, raise_app_exceptions=False) as served:
+        assert (await served.client.get("/broken/1")).status_code == 500
+        scraped = await scrape(served.client)
+    assert requests_by_labels(scraped) == {("GET", "/broken/{item}", "500"): 1}
+    assert scraped.value("orderflow_api_requests_in_progress") == 1
+
+
+async def test_each_app_has_its_own_registry(env: TestEnv) -> None:
+    """Two apps in one process: no duplicate-series error, and no shared counts."""
+    async with (
+        _serve(create_app(env.settings)) as first,
+        _serve(create_app(env.settings)) as second,
+    ):
+        assert first.app.state.metrics is not second.app.state.metrics
+        for _ in range(3):
+            assert (await first.client.get("/healthz")).status_code == 200
+        assert (await second.client.get("/healthz")).status_code == 200
+        healthz = {"method": "GET", "route": "/healthz", "status": "200"}
+        assert (await scrape(first.client)).value("orderflow_api_requests_total", **healthz) == 3
+        assert (await scrape(second.client)).value("orderflow_api_requests_total", **healthz) == 1
+
+
+async def test_metrics_say_not_ready_without_a_database(env: TestEnv) -> None:
+    settings = env.with_settings(
+        database_url=f"postgresql://orderflow:s3cret-pw@127.0.0.1:{_free_port()}/orders"
+    )
+    async with _serve(create_app(settings)) as api:
+        assert (await api.client.get("/orders")).status_code == 503
+        scraped = await scrape(api.client)
+    assert scraped.value("orderflow_ready") == 0
+    assert requests_by_labels(scraped) == {("GET", "/orders", "503"): 1}
+    assert scraped.value("orderflow_api_database_connections_in_use") == 0
+    assert "s3cret" not in scraped.text
+
+
+# --- documentation -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_every_api_metric_is_documented() -> None:
+    metrics = ApiMetrics()
+    engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1/none")  # no connection
+    metrics.watch(engine)  # the pool gauges exist while an engine is watched
+    try:
+        families = list(metrics.registry.collect())
+    finally:
+        await engine.dispose()
+    names = {
+        family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
+        for family in families
+        if not family.name.startswith(("process_", "python_"))
+    }
+    assert {"orderflow_api_requests_total", "orderflow_api_database_pool_size"} <= names
+    for document in ("README.md", "docs/operations.md", "docs/api.md"):
+        text = (ROOT / document).read_text(encoding="utf-8")
+        missing = sorted(name for name in names if f"`{name}`" not in text)
+        assert not missing, f"{document} does not list {missing}"

@@ -1,14 +1,22 @@
-"""The container set-up: ``docker-compose.yml`` and ``Dockerfile``, checked without Docker.
+"""The container set-up: ``docker-compose.yml``, ``Dockerfile`` and ``deploy/``, checked
+without Docker.
 
 Docker is not needed here: these tests read the files and check what a broken
 ``docker compose up`` would otherwise reveal only at run time (a missing dependency,
-a command the CLI does not have, Kafka listeners that don't line up).
+a command the CLI does not have, Kafka listeners that don't line up, a healthcheck that
+cannot pass, Prometheus scraping the wrong port, an alert or a dashboard panel on a metric
+that does not exist).
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +26,18 @@ import yaml
 from sqlalchemy.engine import make_url
 
 import orderflow.cli
+from orderflow.api import METRICS_PATH, ApiMetrics
+from orderflow.metrics import ConsumerMetrics, RelayMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+DEPLOY = ROOT / "deploy"
 
-APP_SERVICES = ("topics", "migrate", "consume", "relay")
+APP_SERVICES = ("topics", "migrate", "consume", "relay", "api")
 LONG_RUNNING = ("consume", "relay")
+#: What each long-running service is checked on: the readiness endpoint.
+READINESS = {"consume": "/readyz", "relay": "/readyz", "api": "/readyz"}
 #: What ``consume`` and ``relay`` need after SIGTERM to finish the work in flight.
 DRAIN_SECONDS = 30
 
@@ -185,7 +198,13 @@ def test_app_services_are_configured(services: dict[str, dict[str, Any]], name: 
 
 @pytest.mark.parametrize(
     ("name", "command_name"),
-    [("topics", "create"), ("migrate", "migrate"), ("consume", "consume"), ("relay", "relay")],
+    [
+        ("topics", "create"),
+        ("migrate", "migrate"),
+        ("consume", "consume"),
+        ("relay", "relay"),
+        ("api", "api"),
+    ],
 )
 def test_app_commands_are_real_cli_commands(
     services: dict[str, dict[str, Any]], name: str, command_name: str
@@ -224,7 +243,7 @@ def test_backends_are_reachable_from_the_host(services: dict[str, dict[str, Any]
     assert "29092:29092" in [str(port) for port in services["kafka"].get("ports", [])]
 
 
-@pytest.mark.parametrize("name", LONG_RUNNING)
+@pytest.mark.parametrize("name", [*LONG_RUNNING, "api"])
 def test_workers_restart_and_get_time_to_drain(
     services: dict[str, dict[str, Any]], name: str
 ) -> None:
@@ -336,3 +355,229 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".venv", ".git"} <= ignored
+
+
+# -- health, metrics, Prometheus and Grafana ----------------------------------------------
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return command.split() if isinstance(command, str) else list(command)
+
+
+def metrics_port(service: dict[str, Any]) -> int:
+    port = parse_cli(command_of(service)).params["metrics_port"]
+    assert isinstance(port, int), "the service does not serve metrics (--metrics-port)"
+    return port
+
+
+def healthcheck_code(service: dict[str, Any]) -> str:
+    """The Python the healthcheck runs (``CMD python -c CODE``)."""
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], f"not a python -c healthcheck: {test}"
+    (code,) = test[3:]
+    assert isinstance(code, str)
+    return code
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_workers_run_two_replicas(services: dict[str, dict[str, Any]], name: str) -> None:
+    assert services[name]["deploy"]["replicas"] == 2
+
+
+def test_the_api_listens_on_every_interface_of_its_published_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    api = services["api"]
+    params = parse_cli(command_of(api)).params
+    assert (params["host"], params["port"]) == ("0.0.0.0", 8000)
+    assert "8000:8000" in [str(port) for port in api["ports"]]
+    assert depends_on(api).get("migrate") == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("name", list(READINESS))
+def test_healthchecks_probe_readiness_on_the_served_port(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    service = services[name]
+    port = parse_cli(command_of(service)).params["port"] if name == "api" else None
+    port = port or metrics_port(service)
+    code = healthcheck_code(service)
+    compile(code, f"{name} healthcheck", "exec")
+    assert f"http://127.0.0.1:{port}{READINESS[name]}" in code
+    # The image has Python but no curl or wget.
+    assert "curl" not in code
+    assert "wget" not in code
+    healthcheck = service["healthcheck"]
+    assert seconds(healthcheck["timeout"]) < seconds(healthcheck["interval"])
+    assert seconds(healthcheck.get("start_period", "0s")) >= 10
+
+
+class _Readiness(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def readiness_server() -> Iterator[tuple[int, type[_Readiness]]]:
+    class Handler(_Readiness):
+        pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], Handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_the_healthcheck_passes_on_200_only(
+    services: dict[str, dict[str, Any]], readiness_server: tuple[int, type[_Readiness]]
+) -> None:
+    """Run the real one-liner (as the container would) against a stand-in /readyz."""
+    port, handler = readiness_server
+    code = healthcheck_code(services["consume"]).replace(":9100/", f":{port}/")
+
+    def exit_code() -> int:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=30
+        ).returncode
+
+    assert exit_code() == 0
+    handler.status = 503
+    assert exit_code() != 0
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the consumer, the relay and the read API can export."""
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_count", "_sum"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    names: set[str] = set()
+    for metrics in (ConsumerMetrics(), RelayMetrics(), ApiMetrics()):
+        for family in metrics.registry.collect():
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+            names.update(sample.name for sample in family.samples)
+    # The API's pool gauges, which exist once it serves (it has a pool then).
+    names.update(("orderflow_api_database_connections_in_use", "orderflow_api_database_pool_size"))
+    return names
+
+
+def orderflow_metrics_in(text: str) -> set[str]:
+    return set(re.findall(r"\b(orderflow_[a-z0-9_]+)", text))
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    document = yaml.safe_load((DEPLOY / "prometheus.yml").read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts."""
+    found = {}
+    for volume in service.get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        if source.startswith("."):
+            found[rest.split(":", 1)[0]] = ROOT / source
+    return found
+
+
+def test_prometheus_loads_the_mounted_config_and_rules(
+    services: dict[str, dict[str, Any]], prometheus_config: dict[str, Any]
+) -> None:
+    mounted = mounts(services["prometheus"])
+    assert mounted["/etc/prometheus/prometheus.yml"] == DEPLOY / "prometheus.yml"
+    for rule_file in prometheus_config["rule_files"]:
+        assert rule_file in mounted, f"rule file {rule_file} is not mounted"
+        assert mounted[rule_file].is_file()
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_prometheus_scrapes_every_replica_on_its_metrics_port(
+    services: dict[str, dict[str, Any]], prometheus_config: dict[str, Any], name: str
+) -> None:
+    port = metrics_port(services[name])
+    discovered = [
+        config
+        for job in prometheus_config["scrape_configs"]
+        for config in job.get("dns_sd_configs", [])
+        if name in config["names"]
+    ]
+    assert discovered, f"no scrape job discovers {name}"
+    # DNS A records: every replica, also after --scale.
+    assert all(config["type"] == "A" and config["port"] == port for config in discovered)
+
+
+def test_prometheus_scrapes_the_api_on_its_http_port(
+    services: dict[str, dict[str, Any]], prometheus_config: dict[str, Any]
+) -> None:
+    port = parse_cli(command_of(services["api"])).params["port"]
+    jobs = [
+        job
+        for job in prometheus_config["scrape_configs"]
+        if any("api" in config["names"] for config in job.get("dns_sd_configs", []))
+    ]
+    assert len(jobs) == 1, "exactly one scrape job should discover the api"
+    (job,) = jobs
+    assert job.get("metrics_path", "/metrics") == METRICS_PATH
+    assert job.get("scheme", "http") == "http"
+    # Covered by the OrderflowTargetDown alert (up{job=~"orderflow-.*"}).
+    assert job["job_name"].startswith("orderflow-")
+    assert all(config["type"] == "A" and config["port"] == port for config in job["dns_sd_configs"])
+
+
+def test_alert_rules_use_only_exported_metrics() -> None:
+    document = yaml.safe_load((DEPLOY / "alerts.yml").read_text(encoding="utf-8"))
+    exported = exported_metric_names()
+    alerts = [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+    assert len(alerts) >= 8
+    for rule in document["groups"][0]["rules"] + alerts:
+        used = orderflow_metrics_in(rule["expr"])
+        assert used <= exported, f"{rule.get('alert') or rule['record']}: {used - exported}"
+    for alert in alerts:
+        assert alert["annotations"]["summary"]
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+
+
+def test_the_grafana_dashboard_is_provisioned_and_uses_exported_metrics(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    mounted = mounts(grafana)
+    provisioning = mounted["/etc/grafana/provisioning"]
+    datasource = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load(
+        (provisioning / "dashboards" / "orderflow.yml").read_text(encoding="utf-8")
+    )["providers"][0]
+    dashboards = [path for path in mounted if path.startswith(provider["options"]["path"] + "/")]
+    assert dashboards, "no dashboard file is mounted where the provider reads"
+    dashboard = json.loads(mounted[dashboards[0]].read_text(encoding="utf-8"))
+    exported = exported_metric_names()
+    expressions = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    assert len(expressions) >= 15
+    for expression in expressions:
+        assert orderflow_metrics_in(expression) <= exported, expression
+    datasources = {
+        panel["datasource"]["uid"] for panel in dashboard["panels"] if "datasource" in panel
+    }
+    assert datasources == {datasource["uid"]}

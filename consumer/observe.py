@@ -1,0 +1,43 @@
+"""What the consume loop tells an observer (metrics), and the observer that listens to nothing.
+
+The loop calls these hooks once per poll, per committed batch and per rebalance, never per
+message, so an observer costs the hot path a few calls per batch. Hooks must not block,
+do I/O or raise: they run on the event loop, inside the consume loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import TYPE_CHECKING, Final, Protocol
+
+from aiokafka import TopicPartition
+
+if TYPE_CHECKING:
+    from consumer.apply import BatchOutcome
+
+
+class ConsumerObserver(Protocol):
+    def fetched(self, count: int) -> None:
+        """``count`` records of one partition arrived from the broker (re-fetches included)."""
+
+    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
+        """One partition's batch of ``size`` records committed in ``seconds`` (one transaction)."""
+
+    def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
+        """A group (re)join finished with this assignment (possibly empty: a standby)."""
+
+
+class NoConsumerObserver:
+    """The default observer: does nothing."""
+
+    def fetched(self, count: int) -> None:
+        pass
+
+    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
+        pass
+
+    def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
+        pass
+
+
+NO_CONSUMER_OBSERVER: Final[ConsumerObserver] = NoConsumerObserver()

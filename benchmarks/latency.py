@@ -55,6 +55,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -220,6 +221,10 @@ class Outcome:
     relay_batches: int
     published: int
     late_sends: int
+    #: CPU seconds each role used during the measured traffic (see ``cpu_by_role``).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: Wall seconds those were measured over.
+    cpu_window: float = 0.0
 
 
 async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
@@ -295,6 +300,7 @@ async def _benchmark(
         say(f"sending {args.rate:g} events/s for {args.seconds:g} s ...")
         primed = set(flow.sent)
         flow.late = 0
+        cpu_before, window_began = cpu_by_role(), time.perf_counter()
         started, total = await watch(
             tasks,
             produce(
@@ -312,6 +318,8 @@ async def _benchmark(
             if event_id not in primed and at >= started + WARM_UP_SECONDS
         ]
         await watch(tasks, until_received(flow, counted, DRAIN_TIMEOUT_SECONDS))
+        cpu_after, window = cpu_by_role(), time.perf_counter() - window_began
+        cpu_seconds = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
         missing = [event_id for event_id in counted if event_id not in flow.received]
         if missing:
             raise RuntimeError(
@@ -346,6 +354,8 @@ async def _benchmark(
         relay_batches=relay_batches,
         published=published,
         late_sends=flow.late,
+        cpu_seconds=cpu_seconds,
+        cpu_window=window,
     )
 
 
@@ -369,6 +379,63 @@ def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def cpu_by_role() -> Counter[str]:
+    """CPU seconds (user + system) used so far by this process and its descendants, by
+    role: ``consume``, ``relay``, ``postgres``, ``broker`` and ``benchmark`` (this process:
+    the producer and the subscriber, and in ``--in-process`` mode consume and relay too).
+
+    Read from ``/proc`` (Linux); empty elsewhere. Processes of other programs on the machine
+    are not counted, however busy they keep it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    found: dict[int, tuple[str, str, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat_file:
+                    stat = stat_file.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline_file:
+                    cmdline = cmdline_file.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid = int(entry)
+            parents[pid] = int(fields[1])
+            found[pid] = (name, cmdline, (int(fields[11]) + int(fields[12])) / ticks)
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == me:
+                return True
+            pid, seen = parents.get(pid, 0), seen + 1
+        return False
+
+    totals: Counter[str] = Counter()
+    for pid, (name, cmdline, seconds) in found.items():
+        if pid == me:
+            role = "benchmark"
+        elif not descends(pid):
+            continue
+        elif name.startswith("postgres"):
+            role = "postgres"
+        elif "tansu" in name or "tansu" in cmdline:
+            role = "broker"
+        elif " consume" in cmdline:
+            role = "consume"
+        elif " relay" in cmdline:
+            role = "relay"
+        else:
+            role = "other"
+        totals[role] += seconds
+    return totals
 
 
 async def until_exit(process: subprocess.Popen[bytes]) -> None:
@@ -469,6 +536,19 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
         "  (the subscriber usually has a message before the relay marks it: that stage can be "
         "negative)\n\n"
     )
+    if outcome.cpu_seconds:
+        events = max(1, outcome.sent)
+        total = sum(outcome.cpu_seconds.values())
+        roles = ", ".join(
+            f"{role} {seconds / events * 1e6:,.0f}"
+            for role, seconds in sorted(outcome.cpu_seconds.items(), key=lambda item: -item[1])
+            if seconds > 0
+        )
+        out.write(
+            f"CPU per event (µs, user + system, from /proc): {roles}; "
+            f"all {total / events * 1e6:,.0f} = {total / max(outcome.cpu_window, 1e-9):.2f} of "
+            f"{os.cpu_count()} cores\n\n"
+        )
     out.write(f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}")
     return out.getvalue()
 

@@ -4,9 +4,10 @@ The order of work inside the transaction is deliberate:
 
 1. advance the stored offset (compare-and-set) *first*: it takes the partition's row lock,
    so a zombie and the partition's new owner serialise here and the loser rolls back;
-2. drop event ids the inbox already holds (one set-based query);
-3. lock the orders the batch touches (``SELECT ... FOR UPDATE``, lines and customer
+2. lock the orders the batch touches (``SELECT ... FOR UPDATE``, lines and customer
    eager-loaded), in id order so that concurrent partitions can't deadlock;
+3. drop event ids the inbox already holds (one set-based query), read *after* the locks
+   so that another group's transaction on the same orders (a replay) is seen committed;
 4. run the pure state machine over the events in offset order, in memory: every event is
    applied, skipped as a duplicate, or rejected *before* anything is written, so a
    rejected event changes nothing;
@@ -24,15 +25,18 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, Text, any_, bindparam, func, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload
+from sqlalchemy.sql.elements import BindParameter
 
 from consumer.errors import DeadLetterReason, RejectedEvent
-from consumer.events import InboundEvent, OrderPlaced, decode_event
+from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
 from consumer.models import Customer, Order, OrderLine, ProcessedEvent
 from consumer.offsets import advance_offset
 from consumer.state_machine import LineState, OrderState, OrderStatus, transition
@@ -67,6 +71,10 @@ class BatchOutcome:
     applied: int = 0
     duplicates: int = 0
     dead_letters: Counter[DeadLetterReason] = field(default_factory=Counter)
+    #: Each dead letter: (its message, why, and the event when it decoded), for the logs.
+    rejections: list[tuple[InboundMessage, RejectedEvent, InboundEvent | None]] = field(
+        default_factory=list
+    )
 
     @property
     def dead_lettered(self) -> int:
@@ -89,7 +97,8 @@ def dead_letter(message: InboundMessage, error: RejectedEvent, topic: str) -> Ou
     )
 
 
-def _order_state(order: Order) -> OrderState:
+def order_state(order: Order) -> OrderState:
+    """The pure state of a loaded order (lines and customer eager-loaded)."""
     return OrderState(
         id=uuid.UUID(int=order.id.int),  # the driver's UUID subclass -> a plain UUID
         status=OrderStatus(order.status),
@@ -116,13 +125,14 @@ async def apply_batch(
     expected_offset: int | None,
     now: datetime,
     rejected: Mapping[int, RejectedEvent] | None = None,
+    max_message_bytes: int = MAX_EVENT_BYTES,
 ) -> BatchOutcome:
     """Apply ``messages`` (one partition, consecutive, in offset order) in one transaction.
 
     ``expected_offset`` is the partition's stored next offset as this consumer knows it;
     ``rejected`` forces a rejection for some offsets (used to isolate a message that the
-    database itself refuses). Raises ``OffsetConflict`` when fenced; any other exception
-    means nothing was written.
+    database itself refuses). A value over ``max_message_bytes`` is dead-lettered unparsed.
+    Raises ``OffsetConflict`` when fenced; any other exception means nothing was written.
     """
     if not messages:
         raise ValueError("apply_batch needs at least one message")
@@ -135,7 +145,7 @@ async def apply_batch(
             decoded.append(forced[message.offset])
             continue
         try:
-            decoded.append(decode_event(message.key, message.value))
+            decoded.append(decode_event(message.key, message.value, max_bytes=max_message_bytes))
         except RejectedEvent as error:
             decoded.append(error)
 
@@ -149,12 +159,13 @@ async def apply_batch(
             to=outcome.next_offset,
         )
         events = [item for item in decoded if isinstance(item, InboundEvent)]
+        # Lock first, then read the inbox: a transaction of another group (a replay) that
+        # applied one of these events under the same order lock is then seen as committed,
+        # so its event counts as a duplicate instead of failing the state machine here.
+        orders = await _lock_orders(session, {event.order_id for event in events})
         processed = await _already_processed(session, [event.event_id for event in events])
-        orders = await _lock_orders(
-            session, {event.order_id for event in events if event.event_id not in processed}
-        )
         states: dict[uuid.UUID, OrderState | None] = {
-            order_id: _order_state(order) for order_id, order in orders.items()
+            order_id: order_state(order) for order_id, order in orders.items()
         }
 
         emitted: list[OutboxMessage] = []
@@ -164,6 +175,7 @@ async def apply_batch(
             if isinstance(item, RejectedEvent):
                 emitted.append(dead_letter(message, item, destinations.dead_letter_topic))
                 outcome.dead_letters[item.reason] += 1
+                outcome.rejections.append((message, item, None))
                 continue
             if item.event_id in seen:
                 outcome.duplicates += 1
@@ -173,6 +185,7 @@ async def apply_batch(
             except RejectedEvent as error:
                 emitted.append(dead_letter(message, error, destinations.dead_letter_topic))
                 outcome.dead_letters[error.reason] += 1
+                outcome.rejections.append((message, error, item))
                 continue
             seen.add(item.event_id)
             states[item.order_id] = state
@@ -224,11 +237,42 @@ def _update_message(
     )
 
 
+def _uuids(values: Sequence[uuid.UUID]) -> BindParameter[Any]:
+    """One array parameter (``= ANY(...)``): one statement text, and so one prepared
+    statement, whatever the number of ids (``IN`` would render one per count)."""
+    return bindparam(None, list(values), type_=ARRAY(PG_UUID(as_uuid=True)))
+
+
+# Customers of a batch's OrderPlaced events, one row per email, from three arrays: one
+# cached statement whatever the count (a multi-row VALUES is compiled anew every time).
+_NEW_CUSTOMERS = (
+    func.unnest(
+        bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True))),
+        bindparam("emails", type_=ARRAY(Text)),
+        bindparam("names", type_=ARRAY(Text)),
+    )
+    .table_valued("id", "email", "name")
+    .render_derived(name="new_customers")
+)
+_CUSTOMERS = cast(Table, Customer.__table__)  # Core: no ORM bulk-insert handling needed
+_INSERT_CUSTOMERS = pg_insert(_CUSTOMERS).from_select(
+    ["id", "email", "name"],
+    select(_NEW_CUSTOMERS.c.id, _NEW_CUSTOMERS.c.email, _NEW_CUSTOMERS.c.name),
+)
+_UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
+    index_elements=[_CUSTOMERS.c.email],
+    set_={
+        "name": _INSERT_CUSTOMERS.excluded.name,
+        "updated_at": _INSERT_CUSTOMERS.excluded.updated_at,
+    },
+).returning(_CUSTOMERS.c.id, _CUSTOMERS.c.email)
+
+
 async def _already_processed(session: AsyncSession, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
     if not event_ids:
         return set()
     rows = await session.execute(
-        select(ProcessedEvent.event_id).where(ProcessedEvent.event_id.in_(event_ids))
+        select(ProcessedEvent.event_id).where(ProcessedEvent.event_id == any_(_uuids(event_ids)))
     )
     return set(rows.scalars())
 
@@ -238,9 +282,9 @@ async def _lock_orders(session: AsyncSession, order_ids: set[uuid.UUID]) -> dict
         return {}
     result = await session.execute(
         select(Order)
-        .where(Order.id.in_(sorted(order_ids)))
+        .where(Order.id == any_(_uuids(sorted(order_ids))))
         .order_by(Order.id)
-        .options(selectinload(Order.lines), joinedload(Order.customer, innerjoin=True))
+        .options(joinedload(Order.lines), joinedload(Order.customer, innerjoin=True))
         .with_for_update(of=Order)
     )
     return {order.id: order for order in result.unique().scalars()}
@@ -259,17 +303,15 @@ async def _write_orders(
     customer_ids: dict[str, uuid.UUID] = {}
     if placed:
         # Sorted, so that two partitions upserting the same customers lock them in one order.
-        values = pg_insert(Customer).values(
-            [
-                {"id": uuid.uuid4(), "email": email, "name": placed[email]}
-                for email in sorted(placed)
-            ]
+        emails = sorted(placed)
+        rows = await session.execute(
+            _UPSERT_CUSTOMERS,
+            {
+                "ids": [uuid.uuid4() for _ in emails],
+                "emails": emails,
+                "names": [placed[email] for email in emails],
+            },
         )
-        statement = values.on_conflict_do_update(
-            index_elements=[Customer.email],
-            set_={"name": values.excluded.name, "updated_at": values.excluded.updated_at},
-        ).returning(Customer.id, Customer.email)
-        rows = await session.execute(statement)
         customer_ids = {email: customer_id for customer_id, email in rows}
 
     # ORM bulk statements: one executemany each, no unit-of-work bookkeeping per object.

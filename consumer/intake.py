@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -30,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
 from consumer.errors import DeadLetterReason, OffsetConflict, RejectedEvent, SchemaViolation
+from consumer.events import MAX_EVENT_BYTES
+from consumer.observe import NO_CONSUMER_OBSERVER, ConsumerObserver
 from consumer.offsets import load_offset
 from outbox.faults import Backoff, is_data_error, is_transient
 
@@ -38,6 +42,9 @@ log = logging.getLogger("orderflow.consumer")
 #: At stop, how long the last Kafka offset commit may take. It only feeds lag tools (the
 #: database holds the offsets), so an unreachable broker must not hold up the exit.
 KAFKA_COMMIT_GRACE_SECONDS = 3.0
+#: Kafka commits go at most this often (the positions in between are merged): one
+#: request per transaction would cost the broker and this process for no reader's gain.
+KAFKA_COMMIT_INTERVAL_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,12 @@ class ConsumerConfig:
     #: Partitions applied at once; keep it at or below the database pool size.
     concurrency: int = 8
     poll_timeout_ms: int = 500
+    #: Inbound values larger than this are dead-lettered unparsed.
+    max_message_bytes: int = MAX_EVENT_BYTES
+    #: Most bytes (keys and values) per transaction: a batch of large records ends early.
+    #: A lane holding twice this pauses its partition's fetching, so memory stays bounded
+    #: however large the records are.
+    max_batch_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -99,10 +112,34 @@ class _Lane:
         self.idle = asyncio.Event()
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
+        #: Bytes of the keys and values in ``records``.
+        self.size = 0
 
-    def take(self, limit: int) -> list[InboundMessage]:
-        count = min(limit, len(self.records))
-        return [self.records.popleft() for _ in range(count)]
+    def add(self, messages: Iterable[InboundMessage]) -> None:
+        arrived = list(messages)
+        self.records.extend(arrived)
+        self.size += sum(map(_size, arrived))
+
+    def take(self, limit: int, max_bytes: int) -> list[InboundMessage]:
+        """Up to ``limit`` records and (beyond the first) ``max_bytes``, in offset order."""
+        taken: list[InboundMessage] = []
+        size = 0
+        while self.records and len(taken) < limit:
+            message_size = _size(self.records[0])
+            if taken and size + message_size > max_bytes:
+                break
+            taken.append(self.records.popleft())
+            size += message_size
+        self.size -= size
+        return taken
+
+    def drop(self) -> None:
+        self.records.clear()
+        self.size = 0
+
+
+def _size(message: InboundMessage) -> int:
+    return len(message.value or b"") + len(message.key or b"")
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -117,7 +154,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._owner.close_lanes(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._owner.forget_offsets(assigned)
+        partitions = frozenset(assigned)
+        self._owner.forget_offsets(partitions)
+        self._owner.observer.partitions_assigned(partitions)
 
 
 class OrderConsumer:
@@ -130,8 +169,10 @@ class OrderConsumer:
         config: ConsumerConfig,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        observer: ConsumerObserver = NO_CONSUMER_OBSERVER,
     ) -> None:
         self._consumer = consumer
+        self.observer = observer
         self._sessions = session_factory
         self._config = config
         self._clock = clock
@@ -189,9 +230,14 @@ class OrderConsumer:
             lane = _Lane(partition)
             self._lanes[partition] = lane
             lane.task = self._group.create_task(self._work(lane, stop))
-        lane.records.extend(_inbound(record) for record in records)
+        lane.add(_inbound(record) for record in records)
         lane.arrived.set()
-        if len(lane.records) >= 2 * self._config.max_batch and not lane.paused:
+        self.observer.fetched(len(records))
+        full = (
+            len(lane.records) >= 2 * self._config.max_batch
+            or lane.size >= 2 * self._config.max_batch_bytes
+        )
+        if full and not lane.paused:
             with contextlib.suppress(IllegalStateError):
                 self._consumer.pause(partition)
                 lane.paused = True
@@ -205,15 +251,19 @@ class OrderConsumer:
                 continue
             lane.idle.clear()
             try:
-                chunk = lane.take(self._config.max_batch)
+                chunk = lane.take(self._config.max_batch, self._config.max_batch_bytes)
                 position = await self._process_batch(lane.partition, chunk, stop)
                 if position is not None:
                     self._commit_to_kafka_soon({lane.partition: position})
             except _Abandon:
-                lane.records.clear()  # they are fetched again from where we sought
+                lane.drop()  # they are fetched again from where we sought
             finally:
                 lane.idle.set()
-            if lane.paused and len(lane.records) < self._config.max_batch:
+            if (
+                lane.paused
+                and len(lane.records) < self._config.max_batch
+                and lane.size < self._config.max_batch_bytes
+            ):
                 with contextlib.suppress(IllegalStateError):
                     self._consumer.resume(lane.partition)
                 lane.paused = False
@@ -224,11 +274,18 @@ class OrderConsumer:
         closing = [lane for p in partitions if (lane := self._lanes.pop(p, None)) is not None]
         for lane in closing:
             lane.closed = True
-            lane.records.clear()
+            lane.drop()
             lane.arrived.set()
         for lane in closing:
             await lane.idle.wait()
         self.forget_offsets(partitions)
+
+    def next_offsets(self) -> dict[TopicPartition, int]:
+        """The stored next offset of each partition this member has read or advanced (what
+        it applies next; the broker's end offset minus this is the partition's lag)."""
+        return {
+            partition: offset for partition, offset in self._known.items() if offset is not None
+        }
 
     def forget_offsets(self, partitions: Iterable[TopicPartition]) -> None:
         for partition in partitions:
@@ -277,6 +334,7 @@ class OrderConsumer:
             except KafkaError as error:
                 # The database holds the offsets; Kafka's copy only feeds lag tools.
                 log.debug("kafka offset commit skipped: %s", error)
+            await asyncio.sleep(KAFKA_COMMIT_INTERVAL_SECONDS)
 
     async def _process_batch(
         self, partition: TopicPartition, messages: Sequence[InboundMessage], stop: asyncio.Event
@@ -303,7 +361,8 @@ class OrderConsumer:
                             "stopping with %s[%d] uncommitted after a transient fault: %s",
                             partition.topic,
                             partition.partition,
-                            error,
+                            _one_line(error),
+                            extra=_where(partition, messages[0].offset),
                         )
                         raise _Abandon from error
                     self.stats.retries += 1
@@ -313,6 +372,7 @@ class OrderConsumer:
                         partition.partition,
                         messages[0].offset,
                         _one_line(error),
+                        extra=_where(partition, messages[0].offset),
                     )
                     await backoff.sleep(stop)
 
@@ -372,6 +432,7 @@ class OrderConsumer:
         pending = [m for m in messages if expected is None or m.offset >= expected]
         if not pending:
             return None
+        started = time.perf_counter()
         outcome = await apply_batch(
             self._sessions,
             group_id=self._config.group_id,
@@ -380,22 +441,15 @@ class OrderConsumer:
             expected_offset=expected,
             now=self._clock(),
             rejected=rejected,
+            max_message_bytes=self._config.max_message_bytes,
         )
         self._known[partition] = outcome.next_offset
         self._sought.discard(partition)
         self.stats.add(outcome)
-        log.info(
-            "batch applied",
-            extra={
-                "topic": partition.topic,
-                "partition": partition.partition,
-                "first_offset": pending[0].offset,
-                "next_offset": outcome.next_offset,
-                "applied": outcome.applied,
-                "duplicates": outcome.duplicates,
-                "dead_lettered": outcome.dead_lettered,
-            },
+        self.observer.batch_committed(
+            outcome, size=len(pending), seconds=time.perf_counter() - started
         )
+        _log_batch(partition, pending, outcome, time.perf_counter() - started)
         return outcome.next_offset
 
     async def _apply_isolated(
@@ -431,6 +485,7 @@ class OrderConsumer:
                         message.partition,
                         message.offset,
                         _one_line(error),
+                        extra=_where(partition, message.offset),
                     )
                     rejected = {
                         message.offset: SchemaViolation(
@@ -438,6 +493,80 @@ class OrderConsumer:
                         )
                     }
         return position
+
+
+#: Dead letters whose offsets the batch line lists (the DLQ holds them all).
+_LOGGED_DEAD_LETTER_OFFSETS = 10
+
+
+def _where(partition: TopicPartition, offset: int) -> dict[str, object]:
+    return {
+        "component": "consumer",
+        "topic": partition.topic,
+        "partition": partition.partition,
+        "offset": offset,
+    }
+
+
+def _log_batch(
+    partition: TopicPartition,
+    messages: Sequence[InboundMessage],
+    outcome: BatchOutcome,
+    seconds: float,
+) -> None:
+    """One info line per committed batch; each dead letter in detail only at debug level
+    (they are all on the dead-letter topic, with their reason and source offset)."""
+    fields: dict[str, object] = {
+        "component": "consumer",
+        "topic": partition.topic,
+        "partition": partition.partition,
+        "first_offset": messages[0].offset,
+        "last_offset": messages[-1].offset,
+        "applied": outcome.applied,
+        "duplicates": outcome.duplicates,
+        "dead_lettered": outcome.dead_lettered,
+        "duration_ms": round(seconds * 1000, 1),
+    }
+    if outcome.dead_letters:
+        fields["dead_letter_reasons"] = {
+            reason.value: count for reason, count in outcome.dead_letters.items()
+        }
+        fields["dead_letter_offsets"] = [
+            message.offset for message, _, _ in outcome.rejections[:_LOGGED_DEAD_LETTER_OFFSETS]
+        ]
+    log.info("batch applied", extra=fields)
+    if not outcome.rejections or not log.isEnabledFor(logging.DEBUG):
+        return
+    for message, error, event in outcome.rejections:
+        event_id, order_id = (
+            (str(event.event_id), str(event.order_id)) if event else _identity(message.value)
+        )
+        log.debug(
+            "event dead-lettered",
+            extra={
+                **_where(partition, message.offset),
+                "reason": error.reason.value,
+                "error": error.message,
+                "event_id": event_id,
+                "order_id": order_id,
+            },
+        )
+
+
+def _identity(value: bytes | None) -> tuple[str | None, str | None]:
+    """Best effort: the event_id and order_id of a value that did not decode (for logs)."""
+    try:
+        document = msgspec.json.decode(value or b"")
+    except (msgspec.DecodeError, RecursionError):
+        return None, None
+    if not isinstance(document, dict):
+        return None, None
+
+    def text(name: str) -> str | None:
+        item = document.get(name)
+        return item[:100] if isinstance(item, str) else None
+
+    return text("event_id"), text("order_id")
 
 
 def _one_line(error: BaseException) -> str:

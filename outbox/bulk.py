@@ -1,9 +1,11 @@
 """Fast multi-row inserts inside the caller's transaction.
 
-With asyncpg underneath, rows go in with one binary ``COPY`` (several times faster than
-an ``executemany`` of ``INSERT``s, and it fires the same insert triggers). Any other
-driver gets a Core ``INSERT`` executemany. Either way: same transaction, no commit, rows
-in the given order.
+With asyncpg underneath, rows go in as one ``INSERT ... SELECT * FROM unnest(...)`` with
+one array parameter per column: one round trip whatever the row count, a statement the
+driver prepares once per connection, and arrays encoded in C (no per-row parameter
+handling). Any other driver gets a Core ``INSERT`` executemany. Either way: same
+transaction, no commit, rows in the given order (``unnest`` keeps array order, and
+``INSERT ... SELECT`` without ``ORDER BY`` takes them as they come).
 """
 
 from __future__ import annotations
@@ -22,12 +24,34 @@ async def insert_rows(
     if not rows:
         return
     connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    copy = getattr(driver, "copy_records_to_table", None)
-    if copy is None:
+    if connection.dialect.driver != "asyncpg":
         await connection.execute(
             insert(table), [dict(zip(columns, row, strict=True)) for row in rows]
         )
         return
-    await copy(table.name, schema_name=table.schema, columns=list(columns), records=rows)
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    await driver.execute(
+        _unnest_insert(table, columns, connection.dialect), *zip(*rows, strict=True)
+    )
+
+
+_STATEMENTS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _unnest_insert(table: Table, columns: Sequence[str], dialect: Any) -> str:
+    """``INSERT INTO t (a, b) SELECT * FROM unnest($1::type_a[], $2::type_b[])``, cached."""
+    cache_key = (table.fullname, tuple(columns))
+    statement = _STATEMENTS.get(cache_key)
+    if statement is None:
+        preparer = dialect.identifier_preparer
+        names = ", ".join(preparer.quote(column) for column in columns)
+        arrays = ", ".join(
+            f"${number}::{table.c[column].type.compile(dialect=dialect)}[]"
+            for number, column in enumerate(columns, start=1)
+        )
+        statement = (
+            f"INSERT INTO {preparer.format_table(table)} ({names}) SELECT * FROM unnest({arrays})"
+        )
+        _STATEMENTS[cache_key] = statement
+    return statement

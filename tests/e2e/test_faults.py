@@ -1,5 +1,5 @@
 """Transient faults with real ``orderflow`` processes: the database link cut, the database
-server crashed and restarted, the broker unreachable for 30 s. The processes must stay up,
+server crashed and restarted, the broker unreachable for a minute. The processes must stay up,
 retry with backoff, dead-letter nothing for the outage, resume by themselves and end in the
 exact state a correct system reaches (see ``tests.helpers.expected_outcome``).
 """
@@ -248,7 +248,7 @@ async def test_a_database_server_crash_and_restart_is_ridden_out(
     await assert_exact_end_state(env, stream)
 
 
-# --- the broker unreachable for 30 s -------------------------------------------------------------
+# --- the broker unreachable for a minute -------------------------------------------------------------
 
 
 @pytest.fixture
@@ -275,8 +275,12 @@ async def through(proxy: TcpProxy, settings: Settings) -> Settings:
     return settings
 
 
-@pytest.mark.timeout(150)
-async def test_a_broker_outage_of_30_s_is_ridden_out(
+#: How long the broker stays unreachable: the outage issue 5 asks the relay to ride out.
+OUTAGE_SECONDS = 60.0
+
+
+@pytest.mark.timeout(210)
+async def test_a_broker_outage_of_a_minute_is_ridden_out(
     env: TestEnv, broker_behind_proxy: TcpProxy, launch: Launcher
 ) -> None:
     proxy = broker_behind_proxy
@@ -291,7 +295,10 @@ async def test_a_broker_outage_of_30_s_is_ridden_out(
         await wait_progress(env, stream, 0, within=30)
         assert await stored_total(env) < stream.produced, "the consumer is idle: cut too late"
         await proxy.cut()
-        await hold(30.0, consumer, relay)
+        await hold(OUTAGE_SECONDS, consumer, relay)
+        # The relay could publish nothing: what the consumer applied meanwhile waits.
+        rows, waiting = await unpublished(env)
+        assert waiting > 0, f"no backlog after the outage ({rows} outbox rows)"
         await proxy.restore()
         await stream.flow(settings, per_second=500, start=1000)
         await wait_drained(env, stream, [consumer, relay], within=90)

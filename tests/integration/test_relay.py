@@ -353,9 +353,18 @@ class FailingAcks:
         self.healthy = False
         self.failed_sends = 0
 
-    async def send(self, topic: str, **kwargs: Any) -> asyncio.Future[Any]:
+    def create_batch(self) -> Any:
+        return self._producer.create_batch()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        partitions: set[int] = await self._producer.partitions_for(topic)
+        return partitions
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[Any]:
         if self.healthy:
-            delivery: asyncio.Future[Any] = await self._producer.send(topic, **kwargs)
+            delivery: asyncio.Future[Any] = await self._producer.send_batch(
+                batch, topic, partition=partition
+            )
             return delivery
         self.failed_sends += 1
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -389,6 +398,33 @@ async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(
         await wait_all_published(env)
         records = await read_topic(env.settings, topic, len(ids))
     assert sorted(r.key for r in records) == sorted(f"k{i}".encode() for i in range(5))
+
+
+async def test_keys_land_on_the_partitions_the_producer_itself_would_choose(
+    env: TestEnv,
+) -> None:
+    """The relay builds its own record batches; it must partition as ``send`` does
+    (murmur2 of the key), or a subscriber mixing sources would see a key on two partitions."""
+    names = [f"order-{i}" for i in range(40)]
+    await insert_messages(env, [message(env.settings.outbound_topic, name) for name in names])
+    async with direct_relay(env, RelayConfig(claim_interval=0.2)):
+        await wait_all_published(env)
+    relayed = await read_topic(env.settings, env.settings.outbound_topic, len(names))
+
+    # The same keys through the producer's own partitioner, to a topic of as many partitions.
+    producer = create_producer(env.settings)
+    await producer.start()
+    try:
+        sent = [
+            await (await producer.send(env.settings.dlq_topic, key=name.encode(), value=b"{}"))
+            for name in names
+        ]
+    finally:
+        await producer.stop()
+    assert len({record.partition for record in relayed}) > 1, "one partition proves nothing"
+    assert {record.key: record.partition for record in relayed} == {
+        name.encode(): metadata.partition for name, metadata in zip(names, sent, strict=True)
+    }
 
 
 # -- 4. NOTIFY wake-up -----------------------------------------------------------------------

@@ -468,6 +468,11 @@ async def check(services: Services, url: str, topic: str, rows: int, name: str) 
         f"  {name}: outbox rows={total} unpublished={unpublished} topic records={records} "
         f"(distinct event_ids={distinct}) expected>={rows} {'ok' if ok else 'MISMATCH'}"
     )
+    if not ok and distinct < rows:
+        # A reader that stopped early, or records really missing? Read once more, slowly.
+        await asyncio.sleep(READ_IDLE_SECONDS)
+        again, distinct_again = await topic_records(services, topic, rows)
+        say(f"  {name}: read again: {again} records, {distinct_again} distinct event_ids")
     if not ok:
         raise RuntimeError(f"{name}: {unpublished} rows unpublished, {records} records in {topic}")
 

@@ -248,7 +248,7 @@ async def test_a_database_server_crash_and_restart_is_ridden_out(
     await assert_exact_end_state(env, stream)
 
 
-# --- the broker unreachable for a minute -------------------------------------------------------------
+# --- the broker unreachable for a minute ----------------------------------------------------------
 
 
 @pytest.fixture

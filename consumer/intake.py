@@ -291,6 +291,8 @@ class OrderConsumer:
         for partition in partitions:
             self._known.pop(partition, None)
             self._sought.discard(partition)
+            # A commit for a partition no longer held would fail the whole merged commit.
+            self._to_commit.pop(partition, None)
 
     async def _poll(
         self, stop: asyncio.Event

@@ -263,22 +263,27 @@ class Relay:
                         await backoff.sleep(stop)
                         continue  # what was fetched is dropped unsent, and read again
                     acknowledged, in_flight = in_flight, None
-                if rows:
+                if rows and not stop.is_set():  # stopping: what was read waits for later
                     in_flight = self._send(rows)
                 if acknowledged is not None:
                     await self._mark(connection, acknowledged)
                     backoff.reset()
                 if in_flight is None:
-                    await self._wait(
-                        stop, min(self._config.poll_interval, max(0.0, next_claim - loop.time()))
-                    )
-        finally:
+                    due = min(next_claim, next_prune) - loop.time()
+                    await self._wait(stop, min(self._config.poll_interval, max(0.0, due)))
+        except BaseException:
+            # Failing (the database, most likely): nothing more is marked on this
+            # connection, so no later batch is marked while an earlier one is not. What is
+            # in flight is published again by whoever owns its shards next.
             if in_flight is not None:
-                await self._settle(connection, in_flight)
+                in_flight.deliveries.add_done_callback(_retrieve)
+            raise
+        if in_flight is not None:
+            await self._settle(connection, in_flight)
 
     async def _settle(self, connection: AsyncConnection, batch: _InFlight) -> None:
-        """Stopping (or failing) with a batch on its way: mark it if its acks come soon,
-        so that a clean stop repeats nothing; otherwise it is published again later."""
+        """Stopping with a batch on its way: mark it if its acks come soon, so that a clean
+        stop repeats nothing; otherwise it is published again later."""
         try:
             # Not settled in time, or failed: the rows stay unmarked and go out again.
             with contextlib.suppress(Exception):
@@ -302,11 +307,25 @@ class Relay:
         Partitions as the producer's own ``send`` would (the default partitioner: murmur2
         of the key), so a key lands where any Kafka client would put it.
         """
+        deliveries: list[asyncio.Future[Any]] = []
+        try:
+            await self._hand_over(rows, deliveries)
+        finally:
+            # Every part of the batch settles (delivered, or failed for good) before the
+            # batch counts as failed: nothing of it may still reach the broker after its
+            # shards could have moved to another relay.
+            outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _hand_over(self, rows: list[_Row], deliveries: list[asyncio.Future[Any]]) -> None:
+        """Build the batch's record batches and hand them to the producer, collecting each
+        delivery future in ``deliveries``."""
         producer = self._producer
         builders: dict[tuple[str, int], BatchBuilder] = {}
         partitions: dict[tuple[str, bytes | None], int] = {}
         topic_partitions: dict[str, list[int]] = {}
-        deliveries: list[asyncio.Future[Any]] = []
         for row in rows:
             partition = partitions.get((row.topic, row.key))
             if partition is None:
@@ -340,7 +359,6 @@ class Relay:
                     raise MessageSizeTooLargeError(f"outbox message {row.id} does not fit a batch")
         for (topic, partition), builder in builders.items():
             deliveries.append(await producer.send_batch(builder, topic, partition=partition))
-        await asyncio.gather(*deliveries)
 
     async def _acknowledged(self, batch: _InFlight) -> bool:
         """Wait for every ack of ``batch``; False (nothing to mark) on any failure."""
@@ -444,6 +462,12 @@ class Relay:
             self.stats.pruned += deleted
             if deleted < self._config.prune_batch:
                 return
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's failure as seen (it was dealt with by not marking its rows)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _driver(connection: AsyncConnection) -> Any:

@@ -40,7 +40,7 @@ from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_e
 from consumer.models import Customer, Order, OrderLine, ProcessedEvent
 from consumer.offsets import advance_offset
 from consumer.state_machine import LineState, OrderState, OrderStatus, transition
-from consumer.updates import build_update, update_event_id
+from consumer.updates import UPDATE_EVENT_TYPE, build_update, update_event_id
 from outbox import OutboxMessage, add_messages
 from outbox.bulk import insert_rows
 
@@ -218,20 +218,39 @@ async def apply_batch(
 def _update_message(
     state: OrderState, event: InboundEvent, topic: str, now: datetime
 ) -> OutboxMessage:
-    update_id = update_event_id(event.event_id)
+    return update_message(
+        state,
+        topic=topic,
+        event_id=update_event_id(event.event_id),
+        change=event.event_type.value,
+        causation_id=event.event_id,
+        now=now,
+    )
+
+
+def update_message(
+    state: OrderState,
+    *,
+    topic: str,
+    event_id: uuid.UUID,
+    change: str,
+    causation_id: uuid.UUID | None,
+    now: datetime,
+) -> OutboxMessage:
+    """The outbox message of one ``OrderUpdated`` (an applied event's, or a snapshot)."""
     return OutboxMessage(
         topic=topic,
         key=str(state.id).encode(),
         payload=build_update(
             state,
-            event_id=update_id,
-            change=event.event_type.value,
-            causation_id=event.event_id,
+            event_id=event_id,
+            change=change,
+            causation_id=causation_id,
             occurred_at=now,
         ),
         headers=(
-            ("event_id", str(update_id)),
-            ("event_type", "OrderUpdated"),
+            ("event_id", str(event_id)),
+            ("event_type", UPDATE_EVENT_TYPE),
             ("content-type", CONTENT_TYPE),
         ),
     )

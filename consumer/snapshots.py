@@ -46,10 +46,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, joinedload, mapped_column, selectinload
 
-from consumer.apply import CONTENT_TYPE, order_state
+from consumer.apply import order_state, update_message
 from consumer.models import Base, Order
 from consumer.state_machine import OrderState, OrderStatus
-from consumer.updates import SNAPSHOT_CHANGE, UPDATE_EVENT_TYPE, build_update
+from consumer.updates import SNAPSHOT_CHANGE
 from outbox import OutboxMessage, add_messages
 
 #: ``backfill_runs.kind`` of ``orderflow backfill snapshots``.
@@ -154,22 +154,13 @@ def snapshot_message(
     state: OrderState, *, topic: str, now: datetime, event_id: uuid.UUID | None = None
 ) -> OutboxMessage:
     """The outbox message of one snapshot: an ``OrderUpdated`` with ``change: "Snapshot"``."""
-    snapshot_id = event_id or uuid.uuid4()
-    return OutboxMessage(
+    return update_message(
+        state,
         topic=topic,
-        key=str(state.id).encode(),
-        payload=build_update(
-            state,
-            event_id=snapshot_id,
-            change=SNAPSHOT_CHANGE,
-            causation_id=None,
-            occurred_at=now,
-        ),
-        headers=(
-            ("event_id", str(snapshot_id)),
-            ("event_type", UPDATE_EVENT_TYPE),
-            ("content-type", CONTENT_TYPE),
-        ),
+        event_id=event_id or uuid.uuid4(),
+        change=SNAPSHOT_CHANGE,
+        causation_id=None,
+        now=now,
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -23,6 +24,8 @@ from orderflow.wiring import (
     start_kafka_client,
 )
 from outbox.relay import Relay, RelayConfig
+
+T = TypeVar("T")
 
 log = logging.getLogger("orderflow")
 
@@ -77,10 +80,7 @@ async def run_consumer(
                 log.info(
                     "consuming %s as group %s", settings.inbound_topic, settings.consumer_group
                 )
-                if ready is not None:
-                    result = ready(order_consumer)
-                    if result is not None:
-                        await result
+                await _announce(ready, order_consumer)
                 await _until_stopped(order_consumer.run(stop), stop)
             finally:
                 await _stop_client(kafka, "consumer")
@@ -106,15 +106,20 @@ async def run_relay(
                 relay = Relay(engine, producer, relay_config(settings), observer=metrics)
                 metrics.watch(relay)
                 log.info("relaying the outbox")
-                if ready is not None:
-                    result = ready(relay)
-                    if result is not None:
-                        await result
+                await _announce(ready, relay)
                 await _until_stopped(relay.run(stop), stop)
             finally:
                 await _stop_client(producer, "producer")
     finally:
         await engine.dispose()
+
+
+async def _announce(ready: Callable[[T], Awaitable[None] | None] | None, component: T) -> None:
+    """Tell the caller (tests, ``dev``, benchmarks) the component runs; await its answer."""
+    if ready is not None:
+        result = ready(component)
+        if result is not None:
+            await result
 
 
 #: How long closing a Kafka client may take (it leaves the group, flushes, closes sockets).

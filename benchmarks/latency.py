@@ -55,7 +55,6 @@ import signal
 import subprocess
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,7 +65,14 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from benchmarks.support import Services, admin, create_database, provide_services, say
+from benchmarks.support import (
+    Services,
+    admin,
+    cpu_by_role,
+    create_database,
+    provide_services,
+    say,
+)
 from consumer.intake import OrderConsumer
 from orderflow.samples import SampleStream
 from orderflow.services import run_consumer, run_relay
@@ -379,63 +385,6 @@ def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
-
-
-def cpu_by_role() -> Counter[str]:
-    """CPU seconds (user + system) used so far by this process and its descendants, by
-    role: ``consume``, ``relay``, ``postgres``, ``broker`` and ``benchmark`` (this process:
-    the producer and the subscriber, and in ``--in-process`` mode consume and relay too).
-
-    Read from ``/proc`` (Linux); empty elsewhere. Processes of other programs on the machine
-    are not counted, however busy they keep it.
-    """
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    parents: dict[int, int] = {}
-    found: dict[int, tuple[str, str, float]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat_file:
-                    stat = stat_file.read()
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline_file:
-                    cmdline = cmdline_file.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue  # gone meanwhile
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
-            pid = int(entry)
-            parents[pid] = int(fields[1])
-            found[pid] = (name, cmdline, (int(fields[11]) + int(fields[12])) / ticks)
-    me = os.getpid()
-
-    def descends(pid: int) -> bool:
-        seen = 0
-        while pid > 1 and seen < 64:
-            if pid == me:
-                return True
-            pid, seen = parents.get(pid, 0), seen + 1
-        return False
-
-    totals: Counter[str] = Counter()
-    for pid, (name, cmdline, seconds) in found.items():
-        if pid == me:
-            role = "benchmark"
-        elif not descends(pid):
-            continue
-        elif name.startswith("postgres"):
-            role = "postgres"
-        elif "tansu" in name or "tansu" in cmdline:
-            role = "broker"
-        elif " consume" in cmdline:
-            role = "consume"
-        elif " relay" in cmdline:
-            role = "relay"
-        else:
-            role = "other"
-        totals[role] += seconds
-    return totals
 
 
 async def until_exit(process: subprocess.Popen[bytes]) -> None:

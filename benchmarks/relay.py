@@ -16,9 +16,11 @@ one after the other, each to its own fresh topic:
                memory beforehand, and awaits every ack; only the sending is timed;
 * relay K=k -- k ``outbox.relay.Relay``s in this process, each with its own engine
                (pool_size=1) and its own producer, drain the table: timed from their start
-               until a separate connection, polling every 20 ms, finds no unpublished row
-               (``SELECT count(*) ... WHERE published_at IS NULL``, the partial index). The
-               table is truncated and reloaded before each k.
+               until no unpublished row is left. Every 20 ms the relays' own counts of rows
+               marked give the progress; once they add up to N, a separate connection
+               confirms it (``SELECT count(*) ... WHERE published_at IS NULL``, the partial
+               index; polling that all along would load the database more than the relays
+               do). The table is truncated and reloaded before each k.
 
 After each drain every row must be published and the topic must hold at least N records.
 The remaining-count samples also give the drain rate of the first and of the last 10% of
@@ -57,6 +59,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -68,7 +71,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from benchmarks.support import Services, admin, create_database, provide_services, say
+from benchmarks.support import Services, admin, cpu_by_role, create_database, provide_services, say
 from orderflow.samples import CUSTOMERS, PRODUCTS
 from orderflow.services import relay_config
 from orderflow.settings import Settings
@@ -308,6 +311,8 @@ class Measurement:
     seconds: float
     note: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list)
+    #: CPU seconds each role used while it ran (see ``benchmarks.support.cpu_by_role``).
+    cpu: Counter[str] = field(default_factory=Counter)
 
     @property
     def eps(self) -> float:
@@ -350,6 +355,7 @@ async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
     producer = create_producer(kafka_settings(services))
     await producer.start()
     try:
+        cpu_before = cpu_by_role()
         began = time.perf_counter()
         deliveries = [
             await producer.send(topic, value=value, key=key, headers=headers)
@@ -357,9 +363,10 @@ async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
         ]
         await asyncio.gather(*deliveries)
         seconds = time.perf_counter() - began
+        cpu = cpu_by_role() - cpu_before
     finally:
         await producer.stop()
-    return Measurement("baseline", len(messages), seconds, note="aiokafka, all in flight")
+    return Measurement("baseline", len(messages), seconds, note="aiokafka, all in flight", cpu=cpu)
 
 
 async def run_relays(
@@ -388,6 +395,7 @@ async def run_relays(
         ]
         if profiler is not None:
             profiler.start()
+        cpu_before = cpu_by_role()
         began = time.perf_counter()
         tasks = [asyncio.create_task(relay.run(stop)) for relay in instances]
         samples = [(0.0, rows)]
@@ -395,10 +403,16 @@ async def run_relays(
         tick = began
         while True:
             moment = time.perf_counter()
-            remaining = int(await watcher.fetchval(COUNT_UNPUBLISHED))
+            # Progress from the relays' own counts (rows marked): polling the table for it
+            # would cost the database more than the relays' own statements.
+            remaining = max(0, rows - sum(relay.stats.published for relay in instances))
+            if remaining == 0:
+                # The table decides when the drain is over.
+                remaining = int(await watcher.fetchval(COUNT_UNPUBLISHED))
             samples.append((moment - began, remaining))
             if remaining == 0:
                 seconds = moment - began
+                cpu = cpu_by_role() - cpu_before
                 owned = [len(relay.owned_shards) for relay in instances]
                 break
             if remaining != last_remaining:
@@ -432,7 +446,7 @@ async def run_relays(
         await watcher.close()
         if profiler is not None and profiler.is_running:
             profiler.stop()
-    measurement = Measurement(f"relay K={relays}", rows, seconds, samples=samples)
+    measurement = Measurement(f"relay K={relays}", rows, seconds, samples=samples, cpu=cpu)
     measurement.note = "; ".join(
         f"{relay.stats.published} rows/{relay.stats.batches} batches/{shards} shards"
         for relay, shards in zip(instances, owned, strict=True)
@@ -607,6 +621,16 @@ def report(results: list[Measurement], args: argparse.Namespace) -> str:
         "\nrelay: from the relays' start (connect, LISTEN, claim) until no unpublished row is "
         "left; baseline: from the first send to the last ack.\n"
     )
+    out.write(
+        "\nCPU per row (µs, user + system, from /proc; benchmark = this process: the producer"
+    )
+    out.write(" or the relays, and the watcher):\n")
+    for m in results:
+        roles = ", ".join(
+            f"{role} {seconds / m.rows * 1e6:,.1f}" for role, seconds in m.cpu.most_common()
+        )
+        total = sum(m.cpu.values())
+        out.write(f"  {m.name:<11} {roles}; all {total / m.rows * 1e6:,.1f}\n")
     if len(relays) > 1:
         steps = ", ".join(f"{m.name} {m.eps / one.eps:.2f}x" for m in relays[1:])
         out.write(f"scaling against {one.name}: {steps}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,3 +80,60 @@ async def create_database(services: Services, name: str) -> str:
     # Alembic's env runs its own event loop: give it a thread.
     await asyncio.to_thread(upgrade, url)
     return url
+
+
+def cpu_by_role() -> Counter[str]:
+    """CPU seconds (user + system) used so far by this process and its descendants, by
+    role: ``consume``, ``relay``, ``postgres``, ``broker`` and ``benchmark`` (this process:
+    whatever it runs itself: producers, subscribers, in-process consumers and relays).
+
+    Read from ``/proc`` (Linux); empty elsewhere. Processes of other programs on the machine
+    are not counted, however busy they keep it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    found: dict[int, tuple[str, str, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat_file:
+                    stat = stat_file.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline_file:
+                    cmdline = cmdline_file.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            pid = int(entry)
+            parents[pid] = int(fields[1])
+            found[pid] = (name, cmdline, (int(fields[11]) + int(fields[12])) / ticks)
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == me:
+                return True
+            pid, seen = parents.get(pid, 0), seen + 1
+        return False
+
+    totals: Counter[str] = Counter()
+    for pid, (name, cmdline, seconds) in found.items():
+        if pid == me:
+            role = "benchmark"
+        elif not descends(pid):
+            continue
+        elif name.startswith("postgres"):
+            role = "postgres"
+        elif "tansu" in name or "tansu" in cmdline:
+            role = "broker"
+        elif " consume" in cmdline:
+            role = "consume"
+        elif " relay" in cmdline:
+            role = "relay"
+        else:
+            role = "other"
+        totals[role] += seconds
+    return totals

@@ -1,18 +1,19 @@
-"""One partition batch, one transaction: dedup, lock, decide, write, emit, advance the offset.
+"""One partition batch, one transaction: lock, dedup, decide, write, emit, advance the offset.
 
 The order of work inside the transaction is deliberate:
 
-1. advance the stored offset (compare-and-set) *first*: it takes the partition's row lock,
-   so a zombie and the partition's new owner serialise here and the loser rolls back;
-2. lock the orders the batch touches (``SELECT ... FOR UPDATE``, lines and customer
+1. lock the orders the batch touches (``SELECT ... FOR UPDATE``, lines and customer
    eager-loaded), in id order so that concurrent partitions can't deadlock;
-3. drop event ids the inbox already holds (one set-based query), read *after* the locks
-   so that another group's transaction on the same orders (a replay) is seen committed;
-4. run the pure state machine over the events in offset order, in memory: every event is
+2. in one statement, advance the stored offset (compare-and-set: a zombie and the
+   partition's new owner serialise on its row, and the loser rolls back) and find which of
+   the batch's event ids the inbox already holds. Its snapshot is taken *after* the locks,
+   so another group's transaction on the same orders (a replay) is seen committed. Every
+   transaction takes order locks (in id order) before the offset row, so none deadlock;
+3. run the pure state machine over the events in offset order, in memory: every event is
    applied, skipped as a duplicate, or rejected *before* anything is written, so a
    rejected event changes nothing;
-5. write: customers (one upsert), orders through the ORM, the inbox rows, and the outbox
-   rows (updates and dead letters, in offset order), each as one statement.
+4. write: customers (one upsert), orders through the ORM, then the inbox rows and the
+   outbox rows (updates and dead letters, in offset order) together in one statement.
 
 Because the order rows are locked before their outbox rows are inserted, outbox id order
 is commit order for every order: what the relay needs to publish each order in sequence.
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, cast
+from typing import Final, cast
 
 from sqlalchemy import Table, Text, any_, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -33,7 +34,6 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload
-from sqlalchemy.sql.elements import BindParameter
 
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
@@ -42,7 +42,7 @@ from consumer.offsets import advance_offset
 from consumer.state_machine import LineState, OrderState, OrderStatus, transition
 from consumer.updates import UPDATE_EVENT_TYPE, build_update, update_event_id
 from outbox import OutboxMessage, add_messages
-from outbox.bulk import insert_rows
+from outbox.bulk import TableRows
 
 CONTENT_TYPE: Final = "application/json"
 _INBOX_COLUMNS: Final = ("event_id", "order_id", "event_type", "topic", "partition", "offset")
@@ -150,20 +150,20 @@ async def apply_batch(
             decoded.append(error)
 
     async with session_factory() as session, session.begin():
-        await advance_offset(
+        events = [item for item in decoded if isinstance(item, InboundEvent)]
+        # Lock first, then read the inbox: a transaction of another group (a replay) that
+        # applied one of these events under the same order lock is then seen as committed,
+        # so its event counts as a duplicate instead of failing the state machine here.
+        orders = await _lock_orders(session, {event.order_id for event in events})
+        processed = await advance_offset(
             session,
             group_id=group_id,
             topic=first.topic,
             partition=first.partition,
             expected=expected_offset,
             to=outcome.next_offset,
+            event_ids=[event.event_id for event in events],
         )
-        events = [item for item in decoded if isinstance(item, InboundEvent)]
-        # Lock first, then read the inbox: a transaction of another group (a replay) that
-        # applied one of these events under the same order lock is then seen as committed,
-        # so its event counts as a duplicate instead of failing the state machine here.
-        orders = await _lock_orders(session, {event.order_id for event in events})
-        processed = await _already_processed(session, [event.event_id for event in events])
         states: dict[uuid.UUID, OrderState | None] = {
             order_id: order_state(order) for order_id, order in orders.items()
         }
@@ -192,10 +192,10 @@ async def apply_batch(
             applied.append((message, item))
             emitted.append(_update_message(state, item, destinations.updates_topic, now))
 
+        inbox = None
         if applied:
             await _write_orders(session, orders, states, applied)
-            await insert_rows(
-                session,
+            inbox = TableRows(
                 cast(Table, ProcessedEvent.__table__),
                 _INBOX_COLUMNS,
                 [
@@ -210,7 +210,7 @@ async def apply_batch(
                     for message, event in applied
                 ],
             )
-        await add_messages(session, emitted)
+        await add_messages(session, emitted, along=inbox)
         outcome.applied = len(applied)
     return outcome
 
@@ -256,10 +256,16 @@ def update_message(
     )
 
 
-def _uuids(values: Sequence[uuid.UUID]) -> BindParameter[Any]:
-    """One array parameter (``= ANY(...)``): one statement text, and so one prepared
-    statement, whatever the number of ids (``IN`` would render one per count)."""
-    return bindparam(None, list(values), type_=ARRAY(PG_UUID(as_uuid=True)))
+# Built once: a statement object caches its compiled form. One array parameter
+# (``= ANY(...)``) gives one statement text, and so one prepared statement, whatever the
+# number of ids (``IN`` would render one per count).
+_LOCK_ORDERS: Final = (
+    select(Order)
+    .where(Order.id == any_(bindparam("order_ids", type_=ARRAY(PG_UUID(as_uuid=True)))))
+    .order_by(Order.id)
+    .options(joinedload(Order.lines), joinedload(Order.customer, innerjoin=True))
+    .with_for_update(of=Order)
+)
 
 
 # Customers of a batch's OrderPlaced events, one row per email, from three arrays: one
@@ -287,25 +293,17 @@ _UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
 ).returning(_CUSTOMERS.c.id, _CUSTOMERS.c.email)
 
 
-async def _already_processed(session: AsyncSession, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    if not event_ids:
-        return set()
-    rows = await session.execute(
-        select(ProcessedEvent.event_id).where(ProcessedEvent.event_id == any_(_uuids(event_ids)))
-    )
-    return set(rows.scalars())
+# ORM bulk statements (given a list of dicts: one executemany each, no unit-of-work
+# bookkeeping per object), built once.
+_INSERT_ORDERS: Final = insert(Order)
+_INSERT_LINES: Final = insert(OrderLine)
+_UPDATE_ORDERS: Final = update(Order)
 
 
 async def _lock_orders(session: AsyncSession, order_ids: set[uuid.UUID]) -> dict[uuid.UUID, Order]:
     if not order_ids:
         return {}
-    result = await session.execute(
-        select(Order)
-        .where(Order.id == any_(_uuids(sorted(order_ids))))
-        .order_by(Order.id)
-        .options(joinedload(Order.lines), joinedload(Order.customer, innerjoin=True))
-        .with_for_update(of=Order)
-    )
+    result = await session.execute(_LOCK_ORDERS, {"order_ids": sorted(order_ids)})
     return {order.id: order for order in result.unique().scalars()}
 
 
@@ -333,7 +331,6 @@ async def _write_orders(
         )
         customer_ids = {email: customer_id for customer_id, email in rows}
 
-    # ORM bulk statements: one executemany each, no unit-of-work bookkeeping per object.
     new_orders: list[dict[str, object]] = []
     new_lines: list[dict[str, object]] = []
     changed: list[dict[str, object]] = []
@@ -373,8 +370,8 @@ async def _write_orders(
             for position, line in enumerate(state.lines, start=1)
         )
     if new_orders:
-        await session.execute(insert(Order), new_orders)
-        await session.execute(insert(OrderLine), new_lines)
+        await session.execute(_INSERT_ORDERS, new_orders)
+        await session.execute(_INSERT_LINES, new_lines)
     if changed:
         # The rows are locked (FOR UPDATE) by this transaction: "bulk UPDATE by primary key".
-        await session.execute(update(Order), changed)
+        await session.execute(_UPDATE_ORDERS, changed)

@@ -9,13 +9,16 @@ transaction is rolled back: a fenced-off consumer can't commit over the new owne
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+import uuid
+from collections.abc import Sequence
+from typing import Final
+
+from sqlalchemy import any_, bindparam, exists, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from consumer.errors import OffsetConflict
-from consumer.models import ConsumerOffset
+from consumer.models import ConsumerOffset, ProcessedEvent
 
 
 async def load_offset(
@@ -33,6 +36,42 @@ async def load_offset(
     ).scalar_one_or_none()
 
 
+# The compare-and-set and the inbox lookup of a batch, as one statement (one round trip),
+# built once with named parameters so that it is compiled once. The inbox is read in the
+# same statement, whose snapshot is taken after the caller locked the batch's orders.
+_EVENT_IDS = bindparam("event_ids", type_=ARRAY(UUID(as_uuid=True)))
+_IN_INBOX = (
+    select(ProcessedEvent.event_id).where(ProcessedEvent.event_id == any_(_EVENT_IDS))
+).scalar_subquery()
+# (Parameter names that are not column names: in an UPDATE, those would mean SET.)
+_KEY = (
+    ConsumerOffset.group_id == bindparam("key_group"),
+    ConsumerOffset.topic == bindparam("key_topic"),
+    ConsumerOffset.partition == bindparam("key_partition"),
+)
+_FIRST_ADVANCE = (
+    insert(ConsumerOffset)
+    .values(
+        group_id=bindparam("key_group"),
+        topic=bindparam("key_topic"),
+        partition=bindparam("key_partition"),
+        next_offset=bindparam("to"),
+    )
+    .on_conflict_do_nothing()
+    .returning(ConsumerOffset.next_offset)
+    .cte("advanced")
+)
+_NEXT_ADVANCE = (
+    update(ConsumerOffset)
+    .where(*_KEY, ConsumerOffset.next_offset == bindparam("expected"))
+    .values(next_offset=bindparam("to"), updated_at=func.now())
+    .returning(ConsumerOffset.next_offset)
+    .cte("advanced")
+)
+_ADVANCE_FIRST: Final = select(exists(select(_FIRST_ADVANCE.c.next_offset)), func.array(_IN_INBOX))
+_ADVANCE_NEXT: Final = select(exists(select(_NEXT_ADVANCE.c.next_offset)), func.array(_IN_INBOX))
+
+
 async def advance_offset(
     session: AsyncSession,
     *,
@@ -41,28 +80,31 @@ async def advance_offset(
     partition: int,
     expected: int | None,
     to: int,
-) -> None:
-    """Move the stored offset from ``expected`` to ``to``, or raise ``OffsetConflict``."""
-    statement: ReturningInsert[tuple[int]] | ReturningUpdate[tuple[int]]
+    event_ids: Sequence[uuid.UUID] = (),
+) -> set[uuid.UUID]:
+    """Move the stored offset from ``expected`` to ``to``, or raise ``OffsetConflict``;
+    in the same statement, find which of ``event_ids`` the inbox already holds (returned).
+
+    The statement waits for the partition's row lock when another transaction holds it
+    (a zombie and the new owner of one partition serialise here), then re-checks the
+    stored offset: the loser finds it moved and rolls back.
+    """
+    parameters: dict[str, object] = {
+        "key_group": group_id,
+        "key_topic": topic,
+        "key_partition": partition,
+        "to": to,
+        "event_ids": list(event_ids),
+    }
     if expected is None:
-        statement = (
-            insert(ConsumerOffset)
-            .values(group_id=group_id, topic=topic, partition=partition, next_offset=to)
-            .on_conflict_do_nothing()
-            .returning(ConsumerOffset.next_offset)
-        )
+        statement = _ADVANCE_FIRST
     else:
-        statement = (
-            update(ConsumerOffset)
-            .where(
-                ConsumerOffset.group_id == group_id,
-                ConsumerOffset.topic == topic,
-                ConsumerOffset.partition == partition,
-                ConsumerOffset.next_offset == expected,
-            )
-            .values(next_offset=to)
-            .returning(ConsumerOffset.next_offset)
-        )
-    if (await session.execute(statement)).scalar_one_or_none() is None:
+        statement = _ADVANCE_NEXT
+        parameters["expected"] = expected
+    connection = await session.connection()
+    advanced, processed = (await connection.execute(statement, parameters)).one()
+    if not advanced:
         stored = await load_offset(session, group_id, topic, partition)
         raise OffsetConflict(topic, partition, expected, stored)
+    # The driver's UUID subclass -> plain UUIDs, as the decoded events carry.
+    return {uuid.UUID(int=event_id.int) for event_id in processed}

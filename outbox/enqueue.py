@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from outbox.bulk import insert_rows
+from outbox.bulk import TableRows, insert_rows
 from outbox.models import OutboxRecord
 
 _COLUMNS: Final = ("topic", "key", "payload", "headers", "shard")
@@ -36,15 +36,17 @@ class OutboxMessage:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def add_messages(session: AsyncSession, messages: Sequence[OutboxMessage]) -> None:
-    """Insert ``messages`` in the session's transaction, in the given order, in one statement.
+async def add_messages(
+    session: AsyncSession, messages: Sequence[OutboxMessage], *, along: TableRows | None = None
+) -> None:
+    """Insert ``messages`` in the session's transaction, in the given order, in one statement
+    (with the caller's ``along`` rows for another table, if given: one round trip for both).
 
     Order matters: the relay publishes one key's messages in insertion (id) order. Callers
     must hold a lock that serialises writers of one key (the consumer locks the order row)
     so that id order is commit order for every key.
     """
-    await insert_rows(
-        session,
+    outbox = TableRows(
         cast(Table, OutboxRecord.__table__),
         _COLUMNS,
         [
@@ -58,6 +60,7 @@ async def add_messages(session: AsyncSession, messages: Sequence[OutboxMessage])
             for message in messages
         ],
     )
+    await insert_rows(session, *(() if along is None else (along,)), outbox)
 
 
 async def add_message(session: AsyncSession, message: OutboxMessage) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import ARRAY, Table, insert
+from sqlalchemy import ARRAY, Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 
@@ -25,6 +25,9 @@ class TableRows:
     table: Table
     columns: tuple[str, ...]
     rows: Sequence[tuple[Any, ...]]
+    #: The transaction gets its id (``pg_current_xact_id()``) before any row takes a
+    #: value from a sequence default.
+    xid_first: bool = False
 
 
 async def insert_rows(session: AsyncSession, *groups: TableRows) -> None:
@@ -36,6 +39,8 @@ async def insert_rows(session: AsyncSession, *groups: TableRows) -> None:
     connection = await session.connection()
     if connection.dialect.driver != "asyncpg":
         for group in groups:
+            if group.xid_first:
+                await connection.execute(select(func.pg_current_xact_id()))
             await connection.execute(
                 insert(group.table),
                 [dict(zip(group.columns, row, strict=True)) for row in group.rows],
@@ -43,11 +48,19 @@ async def insert_rows(session: AsyncSession, *groups: TableRows) -> None:
         return
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
+    if not driver.is_in_transaction():
+        # SQLAlchemy begins the driver's transaction lazily, with the first statement it
+        # runs itself: run one, or these rows would commit on their own, outside the
+        # caller's transaction.
+        await connection.execute(_BEGIN)
+        if not driver.is_in_transaction():
+            raise RuntimeError("insert_rows needs a session in a transaction")
     arguments = [column for group in groups for column in zip(*group.rows, strict=True)]
     await driver.execute(_unnest_insert(groups, connection.dialect), *arguments)
 
 
-_STATEMENTS: dict[tuple[tuple[str, tuple[str, ...]], ...], str] = {}
+_BEGIN: Final = text("SELECT 1")
+_STATEMENTS: dict[tuple[tuple[str, tuple[str, ...], bool], ...], str] = {}
 
 
 def _unnest_insert(groups: Sequence[TableRows], dialect: Any) -> str:
@@ -55,7 +68,7 @@ def _unnest_insert(groups: Sequence[TableRows], dialect: Any) -> str:
     ORDINALITY ... ORDER BY ordinality`` per group, cached: rows take their ids (a sequence
     default) in array order, which the outbox's per-key order relies on. Groups before the
     last become ``WITH inserted_N AS (INSERT ...)``."""
-    cache_key = tuple((group.table.fullname, group.columns) for group in groups)
+    cache_key = tuple((group.table.fullname, group.columns, group.xid_first) for group in groups)
     statement = _STATEMENTS.get(cache_key)
     if statement is None:
         preparer = dialect.identifier_preparer
@@ -73,13 +86,16 @@ def _unnest_insert(groups: Sequence[TableRows], dialect: Any) -> str:
                 for position, column in enumerate(group.columns, start=1)
             )
             number += len(group.columns)
+            # A condition without columns: evaluated before the first row is produced,
+            # and so before the first default is.
+            condition = "WHERE pg_current_xact_id() IS NOT NULL " if group.xid_first else ""
             inserts.append(
                 f"INSERT INTO {preparer.format_table(group.table)} ({names}) "
                 f"SELECT {names} FROM unnest({arrays}) WITH ORDINALITY AS given ({names}, "
-                "ordinality) ORDER BY ordinality"
+                f"ordinality) {condition}ORDER BY ordinality"
             )
         *before, last = inserts
-        ctes = ", ".join(f"inserted_{index} AS ({text})" for index, text in enumerate(before))
+        ctes = ", ".join(f"inserted_{index} AS ({sql})" for index, sql in enumerate(before))
         statement = f"WITH {ctes} {last}" if ctes else last
         _STATEMENTS[cache_key] = statement
     return statement

@@ -44,7 +44,8 @@ async def add_messages(
 
     Order matters: the relay publishes one key's messages in insertion (id) order. Callers
     must hold a lock that serialises writers of one key (the consumer locks the order row)
-    so that id order is commit order for every key.
+    so that id order is commit order for every key. Rows written to the outbox any other
+    way must likewise come from a transaction that already has a transaction id.
     """
     outbox = TableRows(
         cast(Table, OutboxRecord.__table__),
@@ -59,6 +60,8 @@ async def add_messages(
             )
             for message in messages
         ],
+        # The relay's scan floor relies on it (see ``outbox.relay.Relay._advance_floor``).
+        xid_first=True,
     )
     await insert_rows(session, *(() if along is None else (along,)), outbox)
 

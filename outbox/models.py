@@ -27,6 +27,8 @@ class OutboxRecord(OutboxBase):
 
     __tablename__ = "outbox_messages"
 
+    # From a sequence without a per-session cache: ids are handed out in time order,
+    # which the relay's scan floor relies on.
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     topic: Mapped[str] = mapped_column(Text)
     key: Mapped[bytes | None] = mapped_column(LargeBinary)

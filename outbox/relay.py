@@ -77,6 +77,8 @@ class RelayConfig:
     poll_interval: float = 1.0
     #: How often a relay tries to claim shards that nobody owns.
     claim_interval: float = 2.0
+    #: How often the relay moves its scan floor past rows already published.
+    floor_interval: float = 0.25
     #: Published rows are kept this long (for resend), then pruned in batches.
     retention: timedelta = timedelta(days=7)
     prune_interval: float = 60.0
@@ -90,6 +92,14 @@ class RelayStats:
     failures: int = 0
     pruned: int = 0
     owned_shards: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _FloorCandidate:
+    """The newest committed outbox id and the snapshot it was read in."""
+
+    newest: int
+    snapshot: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +130,33 @@ _SELECT_BATCH: Final = """
     SELECT id, topic, key, payload, headers,
            CAST(EXTRACT(EPOCH FROM clock_timestamp() - created_at) AS float8) AS age
     FROM outbox_messages
-    WHERE published_at IS NULL AND shard = ANY($1::int[]) AND id <> ALL($2::bigint[])
+    WHERE published_at IS NULL AND shard = ANY($1::int[]) AND id >= $4
+      AND id <> ALL($2::bigint[])
     ORDER BY id
     LIMIT $3
 """
+# The scan floor (see ``Relay._advance_floor``), in one round trip: whether every
+# transaction that was running at the candidate's snapshot ($1) has ended as seen by this
+# statement's snapshot; if so, the lowest unpublished id of the owned shards ($2) from the
+# current floor ($3) up to the candidate's newest id ($4); and the next candidate: the
+# newest committed id and this statement's snapshot.
+_ADVANCE_FLOOR: Final = """
+    WITH candidate AS (
+        SELECT coalesce(bool_and(pg_visible_in_snapshot(xid, pg_current_snapshot())), true)
+               AS settled
+        FROM pg_snapshot_xip(CAST(CAST($1 AS text) AS pg_snapshot)) AS xid
+    )
+    SELECT settled,
+           CASE WHEN settled THEN (
+               SELECT min(id) FROM outbox_messages
+               WHERE published_at IS NULL AND shard = ANY($2::int[]) AND id >= $3 AND id <= $4
+           ) END AS lowest,
+           (SELECT max(id) FROM outbox_messages) AS newest,
+           CAST(pg_current_snapshot() AS text) AS snapshot
+    FROM candidate
+"""
+#: A snapshot with no transaction in progress: stands for "no candidate yet".
+_NO_SNAPSHOT: Final = "1:1:"
 _MARK_PUBLISHED: Final = (
     "UPDATE outbox_messages SET published_at = now() "
     "WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
@@ -176,11 +209,18 @@ class Relay:
         self._config = config or RelayConfig()
         self._wake = asyncio.Event()
         self._owned: set[int] = set()
+        self._floor = 0
+        self._candidate: _FloorCandidate | None = None
         self.stats = RelayStats()
 
     @property
     def owned_shards(self) -> frozenset[int]:
         return frozenset(self._owned)
+
+    @property
+    def scan_floor(self) -> int:
+        """No unpublished row of the owned shards has a lower id (see ``_advance_floor``)."""
+        return self._floor
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(maximum=10.0)
@@ -208,6 +248,7 @@ class Relay:
             finally:
                 # The locks went with the connection (or will, when it is closed).
                 self._owned.clear()
+                self._reset_floor()
                 self.stats.owned_shards = 0
                 self._observer.left()
             if not stop.is_set():
@@ -236,6 +277,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         next_claim = 0.0
         next_prune = loop.time() + 1.0
+        next_floor = 0.0
         in_flight: _InFlight | None = None
         try:
             while not stop.is_set():
@@ -250,6 +292,10 @@ class Relay:
                         await self._prune(connection)
                         next_prune = now + self._config.prune_interval
                     housekeeping = False
+
+                if self._owned and now >= next_floor:
+                    await self._advance_floor(connection)
+                    next_floor = now + self._config.floor_interval
 
                 self._wake.clear()
                 rows: list[_Row] = []
@@ -429,17 +475,59 @@ class Relay:
                     "wanted": target - len(self._owned),
                 },
             )
-            self._owned.update(result.scalars())
+            claimed = set(result.scalars())
+            if claimed:
+                # Rows of the new shards may lie below the floor: start from the bottom.
+                self._reset_floor()
+            self._owned.update(claimed)
         self.stats.owned_shards = len(self._owned)
         if len(self._owned) != before:
             log.info(
                 "relay owns %d of %d shards (fair share %d)", len(self._owned), SHARD_COUNT, target
             )
 
+    def _reset_floor(self) -> None:
+        self._floor = 0
+        self._candidate = None
+
+    async def _advance_floor(self, connection: AsyncConnection) -> None:
+        """Move the scan floor up past published rows, so that a fetch need not walk the
+        index entries of every row published since the last vacuum (it would cost more
+        and more as a long backlog drains).
+
+        Rows commit out of id order, so the floor may not pass a row whose transaction
+        is still running. A candidate is the newest committed id and the snapshot it was
+        read in: every id up to it was taken before that snapshot, by a transaction that
+        already had a transaction id (``add_messages`` makes sure of that), so one still
+        running then is listed in the snapshot. Once all of those have ended, every row
+        up to the candidate is committed (or gone): the floor moves to the lowest of them
+        still unpublished in the owned shards (rows in flight included), or past them all.
+        """
+        candidate = self._candidate
+        driver = await _driver(connection)
+        record = await driver.fetchrow(
+            _ADVANCE_FLOOR,
+            candidate.snapshot if candidate else _NO_SNAPSHOT,
+            sorted(self._owned),
+            self._floor,
+            candidate.newest if candidate else -1,
+        )
+        if candidate is not None:
+            if not record["settled"]:
+                return  # wait for the candidate's transactions
+            lowest = record["lowest"]
+            self._floor = candidate.newest + 1 if lowest is None else lowest
+        newest = record["newest"]
+        self._candidate = None if newest is None else _FloorCandidate(newest, record["snapshot"])
+
     async def _fetch(self, connection: AsyncConnection, in_flight: Sequence[int]) -> list[_Row]:
         driver = await _driver(connection)
         records = await driver.fetch(
-            _SELECT_BATCH, sorted(self._owned), list(in_flight), self._config.batch_size
+            _SELECT_BATCH,
+            sorted(self._owned),
+            list(in_flight),
+            self._config.batch_size,
+            self._floor,
         )
         return [
             _Row(

@@ -628,3 +628,72 @@ async def test_each_orders_updates_reach_the_topic_in_version_order(env: TestEnv
         )
     assert deduplicated == expected.updates
     assert all(v == list(range(1, len(v) + 1)) for v in deduplicated.values())
+
+
+async def test_the_scan_floor_stops_below_a_row_whose_transaction_is_still_open(
+    env: TestEnv,
+) -> None:
+    """Rows commit out of id order. The relay's scan floor moves past published rows, but
+    not past a row whose transaction is still open: once it commits, it is published, and
+    before the next message of its key."""
+    topic = env.settings.outbound_topic
+    config = RelayConfig(floor_interval=0.05, poll_interval=0.1)
+
+    def keyed(name: str) -> OutboxMessage:
+        return OutboxMessage(topic=topic, key=b"late", payload=name.encode())
+
+    async with direct_relay(env, config) as running:
+        early = await insert_messages(env, [message(topic, f"early-{i}") for i in range(20)])
+        await wait_all_published(env)
+
+        async def floor_passed_the_early_rows() -> None:
+            assert running.relay.scan_floor > max(early)
+
+        await eventually(floor_passed_the_early_rows)
+
+        async with env.sessions() as late, late.begin():
+            await add_messages(late, [keyed("first")])
+            late_id = (await late.execute(text("SELECT max(id) FROM outbox_messages"))).scalar_one()
+            others: list[int] = []
+            for batch in range(5):
+                others += await insert_messages(
+                    env, [message(topic, f"other-{batch}-{i}") for i in range(20)]
+                )
+            assert min(others) > late_id
+            await wait_all_published(env)  # every committed row: the open one is unseen
+            await asyncio.sleep(20 * config.floor_interval)  # many chances to move on
+            assert max(early) < running.relay.scan_floor <= late_id
+        await insert_messages(env, [keyed("second")])
+        await wait_all_published(env)
+
+        async def floor_passed_everything() -> None:
+            rows = await outbox_rows(env.sessions)
+            assert running.relay.scan_floor > max(row.id for row in rows)
+
+        await eventually(floor_passed_everything)
+
+    records = await read_topic(env.settings, topic, len(early) + len(others) + 2)
+    late_values = [record.value for record in in_topic_order(records) if record.key == b"late"]
+    assert late_values == [b"first", b"second"]
+
+
+async def test_add_messages_as_a_transactions_first_statement_joins_that_transaction(
+    env: TestEnv,
+) -> None:
+    topic = env.settings.outbound_topic
+
+    class Abandon(Exception):
+        pass
+
+    async def add_then_abandon() -> None:
+        async with env.sessions() as session, session.begin():
+            await add_messages(session, [message(topic, "rolled-back")])
+            raise Abandon
+
+    with pytest.raises(Abandon):
+        await add_then_abandon()
+    assert await outbox_rows(env.sessions) == []
+
+    async with env.sessions() as session, session.begin():
+        await add_messages(session, [message(topic, "committed")])
+    assert [row.key for row in await outbox_rows(env.sessions)] == [b"committed"]

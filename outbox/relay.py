@@ -279,6 +279,7 @@ class Relay:
         next_prune = loop.time() + 1.0
         next_floor = 0.0
         in_flight: _InFlight | None = None
+        full = False
         try:
             while not stop.is_set():
                 now = loop.time()
@@ -297,11 +298,15 @@ class Relay:
                     await self._advance_floor(connection)
                     next_floor = now + self._config.floor_interval
 
+                # Read ahead while a batch is in flight only if there may be more to read:
+                # the last read filled a batch, or a commit was notified since.
+                worth_reading = in_flight is None or full or self._wake.is_set()
                 self._wake.clear()
                 rows: list[_Row] = []
-                if self._owned and not housekeeping:
+                if self._owned and not housekeeping and worth_reading:
                     # (With housekeeping due, the batch in flight finishes first.)
                     rows = await self._fetch(connection, in_flight.ids if in_flight else ())
+                    full = len(rows) == self._config.batch_size
                 acknowledged: _InFlight | None = None
                 if in_flight is not None:
                     if not await self._acknowledged(in_flight):

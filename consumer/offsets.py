@@ -1,9 +1,9 @@
 """Consumer offsets stored in PostgreSQL, next to the effects they account for.
 
 ``advance_offset`` is a compare-and-set: it moves a partition's next offset from the value
-this consumer believes is stored to the new one, inside the batch's transaction, and takes
-the row lock first so that two owners of one partition (a zombie and its successor)
-serialise on it. The loser sees :class:`~consumer.errors.OffsetConflict` and its whole
+this consumer believes is stored to the new one, inside the batch's transaction, taking
+the row lock, so that two owners of one partition (a zombie and its successor) serialise
+on it. The loser sees :class:`~consumer.errors.OffsetConflict` and its whole
 transaction is rolled back: a fenced-off consumer can't commit over the new owner's work.
 """
 

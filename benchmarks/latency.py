@@ -16,7 +16,13 @@ process (or its children), against a fresh migrated database and fresh topics:
 * a subscriber reading the fresh outbound topic from its beginning (no group) that takes,
   for each ``OrderUpdated``, its receive time minus the send time of its ``causation_id``.
 
-The pipeline is primed first (one event, end to end: the consumer has joined its group and
+Baseline, measured first in the same run with the same stream, producer and subscriber:
+a bare forwarder process (this file run with ``--forward``) in place of consume and relay,
+which consumes the inbound topic as the consumer does (a group; fetches wait at most 20 ms)
+and produces each record straight to an outbound topic, without linger or database: what
+the two trips through the broker cost on this machine at this rate.
+
+Each stream is primed first (one event, end to end: the consumer has joined its group and
 the relay owns its shards), and events sent in the first 2 s of the stream are not counted
 (warm-up). Every counted event must come back. Afterwards the database's own timestamps
 split each latency into stages (same clock: this machine's): send -> the consumer's
@@ -27,7 +33,8 @@ On Tansu, mind that a fetch is answered only after part of its ``fetch_max_wait_
 when records are waiting (Apache Kafka answers at once); the consumer waits at most 20 ms,
 the subscriber here at most 10 ms.
 
-The last line of output is machine-readable (``RESULT ...``).
+The last line of output is machine-readable (``RESULT p50_ms=... p99_ms=... max_ms=...
+baseline_p50_ms=... baseline_p99_ms=...``).
 """
 
 # ruff: noqa: E402
@@ -55,7 +62,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -73,12 +80,10 @@ from benchmarks.support import (
     provide_services,
     say,
 )
-from consumer.intake import OrderConsumer
 from orderflow.samples import SampleStream
 from orderflow.services import run_consumer, run_relay
 from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
-from outbox.relay import Relay
 
 T = TypeVar("T")
 SEED = 20260102
@@ -216,6 +221,18 @@ async def stages(url: str, flow: Flow, counted: list[str]) -> Stages:
 
 
 @dataclass
+class Measured:
+    """One stream's send-to-subscriber latencies and the CPU spent meanwhile."""
+
+    latencies_ms: list[float]
+    sent: int
+    counted: list[str]
+    flow: Flow
+    cpu_seconds: dict[str, float]
+    cpu_window: float
+
+
+@dataclass
 class Outcome:
     latencies_ms: list[float]
     sent: int
@@ -231,6 +248,8 @@ class Outcome:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     #: Wall seconds those were measured over.
     cpu_window: float = 0.0
+    #: The same stream through a bare forwarder (no database), measured first.
+    baseline: Measured | None = None
 
 
 async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
@@ -247,23 +266,49 @@ async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
         kafka_idempotence=services.kafka_idempotence,
         kafka_session_timeout_ms=services.session_timeout_ms,
     )
+    bare = settings.with_overrides(
+        inbound_topic=f"{inbound}.bare",
+        outbound_topic=f"{inbound}.bare.out",
+        dlq_topic=f"{inbound}.bare.dlq",
+        consumer_group=f"bench-latency-bare-{suffix}",
+    )
     try:
         url = await create_database(services, database)
         settings = settings.with_overrides(database_url=url)
         await ensure_topics(settings, partitions=args.partitions)
-        return await _benchmark(services, settings, url, args)
+        await ensure_topics(bare, partitions=args.partitions)
+        say(f"services: {services.origin}")
+        say("baseline: the same stream through a bare forwarder (consume, produce; no database)")
+        baseline = await measure(
+            services,
+            bare,
+            args,
+            lambda stop, ready: ([], [start_forwarder(bare)]),
+        )
+        say(f"  p50 {percentile(baseline.latencies_ms, 0.5):.1f} ms")
+        say("orderflow: `orderflow consume` and `orderflow relay`")
+        outcome = await _benchmark(services, settings, url, args)
+        outcome.baseline = baseline
+        return outcome
     finally:
         await cleanup(services, settings, database)
+        await cleanup(services, bare, None)
 
 
-async def _benchmark(
-    services: Services, settings: Settings, url: str, args: argparse.Namespace
-) -> Outcome:
-    say(f"services: {services.origin}")
+Starter = Callable[
+    [asyncio.Event, Callable[[object], None]],
+    tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]],
+]
+
+
+async def measure(
+    services: Services, settings: Settings, args: argparse.Namespace, start: Starter
+) -> Measured:
+    """Send the sample stream to ``settings.inbound_topic`` and time each event until its
+    update (an outbound record whose ``causation_id`` is the event's id) reaches a
+    subscriber of ``settings.outbound_topic``; ``start`` starts what lies in between."""
     stop = asyncio.Event()
     flow = Flow()
-    found_consumer: asyncio.Future[OrderConsumer] = asyncio.get_running_loop().create_future()
-    found_relay: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
     reader = AIOKafkaConsumer(
         settings.outbound_topic,
         bootstrap_servers=services.bootstrap_servers,
@@ -283,14 +328,8 @@ async def _benchmark(
     tasks: list[asyncio.Task[None]] = []
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        if args.in_process:
-            tasks = [
-                asyncio.create_task(run_consumer(settings, stop, ready=found_consumer.set_result)),
-                asyncio.create_task(run_relay(settings, stop, ready=found_relay.set_result)),
-            ]
-        else:
-            processes = [start_process(command, settings) for command in ("consume", "relay")]
-            tasks = [asyncio.create_task(until_exit(process)) for process in processes]
+        tasks, processes = start(stop, lambda _: None)
+        tasks = [*tasks, *(asyncio.create_task(until_exit(process)) for process in processes)]
         tasks.append(asyncio.create_task(subscribe(reader, flow, stop)))
         stream = SampleStream(seed=SEED, fault_every=0, clock=lambda: datetime.now(UTC))
 
@@ -301,9 +340,9 @@ async def _benchmark(
         await watch(tasks, until_received(flow, [first], PRIME_TIMEOUT_SECONDS))
         if first not in flow.received:
             raise RuntimeError(f"no update came back within {PRIME_TIMEOUT_SECONDS:.0f} s")
-        say(f"pipeline ready after {time.perf_counter() - began:.1f} s (first event round trip)")
+        say(f"  ready after {time.perf_counter() - began:.1f} s (first event round trip)")
 
-        say(f"sending {args.rate:g} events/s for {args.seconds:g} s ...")
+        say(f"  sending {args.rate:g} events/s for {args.seconds:g} s ...")
         primed = set(flow.sent)
         flow.late = 0
         cpu_before, window_began = cpu_by_role(), time.perf_counter()
@@ -347,27 +386,109 @@ async def _benchmark(
                 task.cancel()
         await producer.stop()
         await reader.stop()
-    # Read after the stop: the relay's last batch is marked (and counted) by then.
-    consumer_batches, applied, relay_batches, published = await counts(url)
-    return Outcome(
+    return Measured(
         latencies_ms=sorted((flow.received[e] - flow.sent[e]) * 1000 for e in counted),
         sent=total,
-        counted=len(counted),
-        repeats=flow.repeats,
-        stages=await stages(url, flow, counted),
-        consumer_batches=consumer_batches,
-        applied=applied,
-        relay_batches=relay_batches,
-        published=published,
-        late_sends=flow.late,
+        counted=counted,
+        flow=flow,
         cpu_seconds=cpu_seconds,
         cpu_window=window,
     )
 
 
-def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """``orderflow <command>`` configured as ``settings`` (stderr passed through)."""
-    environment = {
+async def _benchmark(
+    services: Services, settings: Settings, url: str, args: argparse.Namespace
+) -> Outcome:
+    def start(
+        stop: asyncio.Event, ready: Callable[[object], None]
+    ) -> tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]:
+        if args.in_process:
+            return [
+                asyncio.create_task(run_consumer(settings, stop, ready=ready)),
+                asyncio.create_task(run_relay(settings, stop, ready=ready)),
+            ], []
+        return [], [start_process(command, settings) for command in ("consume", "relay")]
+
+    measured = await measure(services, settings, args, start)
+    # Read after the stop: the relay's last batch is marked (and counted) by then.
+    consumer_batches, applied, relay_batches, published = await counts(url)
+    return Outcome(
+        latencies_ms=measured.latencies_ms,
+        sent=measured.sent,
+        counted=len(measured.counted),
+        repeats=measured.flow.repeats,
+        stages=await stages(url, measured.flow, measured.counted),
+        consumer_batches=consumer_batches,
+        applied=applied,
+        relay_batches=relay_batches,
+        published=published,
+        late_sends=measured.flow.late,
+        cpu_seconds=measured.cpu_seconds,
+        cpu_window=measured.cpu_window,
+    )
+
+
+async def forward(settings: Settings, stop: asyncio.Event) -> None:
+    """The baseline's middle: every inbound record straight to the outbound topic (same
+    key, an update naming it as its cause), no database. Consumes as ``orderflow
+    consume`` does (a group, fetches waiting at most 20 ms) and produces without linger."""
+    consumer = AIOKafkaConsumer(
+        settings.inbound_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=settings.consumer_group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        linger_ms=0,
+        enable_idempotence=settings.kafka_idempotence,
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100)
+            for records in batches.values():
+                for record in records:
+                    event_id = orjson.loads(record.value or b"{}").get("event_id")
+                    update = orjson.dumps({"causation_id": event_id})
+                    await producer.send(settings.outbound_topic, key=record.key, value=update)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def run_forwarder() -> int:
+    """``latency.py --forward``: the forwarder process, configured by the environment."""
+    settings = Settings.from_env()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await forward(settings, stop)
+
+    asyncio.run(serve())
+    return 0
+
+
+def start_forwarder(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--forward"],
+        env=service_environment(settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def service_environment(settings: Settings) -> dict[str, str]:
+    """The environment that configures a service as ``settings``."""
+    return {
         **os.environ,
         "DATABASE_URL": settings.database_url or "",
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
@@ -378,9 +499,13 @@ def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
         "ORDERFLOW_KAFKA_IDEMPOTENCE": "true" if settings.kafka_idempotence else "false",
         "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
     }
+
+
+def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
+    """``orderflow <command>`` configured as ``settings`` (stderr passed through)."""
     return subprocess.Popen(
         [sys.executable, "-m", "orderflow", command, "--log-level", "WARNING"],
-        env=environment,
+        env=service_environment(settings),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
@@ -428,9 +553,10 @@ async def watch(tasks: list[asyncio.Task[None]], work: Awaitable[T]) -> T:
             job.cancel()
 
 
-async def cleanup(services: Services, settings: Settings, database: str) -> None:
-    with contextlib.suppress(Exception):
-        await admin(services, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+async def cleanup(services: Services, settings: Settings, database: str | None) -> None:
+    if database is not None:
+        with contextlib.suppress(Exception):
+            await admin(services, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     client = AIOKafkaAdminClient(
         bootstrap_servers=services.bootstrap_servers, request_timeout_ms=15000
     )
@@ -498,7 +624,21 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
             f"all {total / events * 1e6:,.0f} = {total / max(outcome.cpu_window, 1e-9):.2f} of "
             f"{os.cpu_count()} cores\n\n"
         )
-    out.write(f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}")
+    result = f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}"
+    baseline = outcome.baseline
+    if baseline is not None:
+        values = baseline.latencies_ms
+        base_p50, base_p99 = percentile(values, 0.5), percentile(values, 0.99)
+        base_cpu = sum(baseline.cpu_seconds.values())
+        out.write(
+            "baseline, the same stream through a bare forwarder process (consume, produce, no "
+            f"database), measured first in this run:\n  count {len(values)}  {summary(values)}"
+            f"\n  CPU per event {base_cpu / max(1, baseline.sent) * 1e6:,.0f} µs, "
+            f"{base_cpu / max(baseline.cpu_window, 1e-9):.2f} of {os.cpu_count()} cores\n"
+            f"orderflow against it: p50 {p50 / base_p50:.1f}x, p99 {p99 / base_p99:.1f}x\n\n"
+        )
+        result += f" baseline_p50_ms={base_p50:.1f} baseline_p99_ms={base_p99:.1f}"
+    out.write(result)
     return out.getvalue()
 
 
@@ -525,6 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--forward"]:
+        return run_forwarder()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()

@@ -129,6 +129,8 @@ def cpu_by_role() -> Counter[str]:
             role = "postgres"
         elif "tansu" in name or "tansu" in cmdline:
             role = "broker"
+        elif "--forward" in cmdline:
+            role = "forwarder"
         elif " consume" in cmdline:
             role = "consume"
         elif " relay" in cmdline:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Protocol
 
+import orjson
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -127,7 +128,7 @@ class _Row:
 # Run on the driver connection itself (asyncpg, prepared once): the two statements of
 # every batch skip SQLAlchemy's result machinery, which costs more than the query.
 _SELECT_BATCH: Final = """
-    SELECT id, topic, key, payload, headers,
+    SELECT id, topic, key, payload, CAST(headers AS text) AS headers,
            CAST(EXTRACT(EPOCH FROM clock_timestamp() - created_at) AS float8) AS age
     FROM outbox_messages
     WHERE published_at IS NULL AND shard = ANY($1::int[]) AND id >= $4
@@ -540,7 +541,7 @@ class Relay:
                 topic=record[1],
                 key=record[2],
                 payload=record[3],
-                headers=[(str(name), str(value).encode()) for name, value in record[4]],
+                headers=_headers(record[4]),
                 age=record[5],
             )
             for record in records
@@ -555,6 +556,15 @@ class Relay:
             self.stats.pruned += deleted
             if deleted < self._config.prune_batch:
                 return
+
+
+def _headers(document: str) -> list[tuple[str, bytes]]:
+    """Kafka headers from the stored JSON list of ``[name, value]`` text pairs (parsed
+    here rather than by the driver's JSON codec, a Python wrapper that costs more)."""
+    return [
+        (str(name), value.encode() if type(value) is str else str(value).encode())
+        for name, value in orjson.loads(document)
+    ]
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -295,6 +295,16 @@ async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
         await cleanup(services, bare, None)
 
 
+def eager_producer(bootstrap_servers: str | list[str], idempotence: bool) -> AIOKafkaProducer:
+    """A producer that adds no wait of its own (linger_ms=0), acks from all replicas."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        linger_ms=0,
+        enable_idempotence=idempotence,
+    )
+
+
 Starter = Callable[
     [asyncio.Event, Callable[[object], None]],
     tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]],
@@ -317,12 +327,7 @@ async def measure(
         enable_auto_commit=False,
         fetch_max_wait_ms=10,  # the measuring end must not wait for more data
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=services.bootstrap_servers,
-        acks="all",
-        linger_ms=0,
-        enable_idempotence=services.kafka_idempotence,
-    )
+    producer = eager_producer(services.bootstrap_servers, services.kafka_idempotence)
     await reader.start()
     await producer.start()
     tasks: list[asyncio.Task[None]] = []
@@ -441,12 +446,7 @@ async def forward(settings: Settings, stop: asyncio.Event) -> None:
         fetch_max_wait_ms=20,
         session_timeout_ms=settings.kafka_session_timeout_ms,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        acks="all",
-        linger_ms=0,
-        enable_idempotence=settings.kafka_idempotence,
-    )
+    producer = eager_producer(settings.require_kafka(), settings.kafka_idempotence)
     await consumer.start()
     await producer.start()
     try:

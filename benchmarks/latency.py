@@ -283,7 +283,7 @@ async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
             services,
             bare,
             args,
-            lambda stop, ready: ([], [start_forwarder(bare)]),
+            lambda stop: ([], [start_forwarder(bare)]),
         )
         say(f"  p50 {percentile(baseline.latencies_ms, 0.5):.1f} ms")
         say("orderflow: `orderflow consume` and `orderflow relay`")
@@ -305,10 +305,8 @@ def eager_producer(bootstrap_servers: str | list[str], idempotence: bool) -> AIO
     )
 
 
-Starter = Callable[
-    [asyncio.Event, Callable[[object], None]],
-    tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]],
-]
+#: Starts what lies between the producer and the subscriber: (tasks, processes).
+Starter = Callable[[asyncio.Event], tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]]
 
 
 async def measure(
@@ -333,7 +331,7 @@ async def measure(
     tasks: list[asyncio.Task[None]] = []
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        tasks, processes = start(stop, lambda _: None)
+        tasks, processes = start(stop)
         tasks = [*tasks, *(asyncio.create_task(until_exit(process)) for process in processes)]
         tasks.append(asyncio.create_task(subscribe(reader, flow, stop)))
         stream = SampleStream(seed=SEED, fault_every=0, clock=lambda: datetime.now(UTC))
@@ -405,12 +403,12 @@ async def _benchmark(
     services: Services, settings: Settings, url: str, args: argparse.Namespace
 ) -> Outcome:
     def start(
-        stop: asyncio.Event, ready: Callable[[object], None]
+        stop: asyncio.Event,
     ) -> tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]:
         if args.in_process:
             return [
-                asyncio.create_task(run_consumer(settings, stop, ready=ready)),
-                asyncio.create_task(run_relay(settings, stop, ready=ready)),
+                asyncio.create_task(run_consumer(settings, stop)),
+                asyncio.create_task(run_relay(settings, stop)),
             ], []
         return [], [start_process(command, settings) for command in ("consume", "relay")]
 

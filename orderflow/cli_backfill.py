@@ -8,7 +8,7 @@ import re
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Final
 
@@ -28,9 +28,11 @@ from orderflow.cli_support import (
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from consumer.snapshots import SnapshotBatch
     from orderflow.dlq import DeadLetter, DeadLetterFilter
+    from orderflow.settings import Settings
 
 backfill_app = typer.Typer(
     help=(
@@ -160,6 +162,19 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
         yield
 
 
+@contextlib.asynccontextmanager
+async def _database(settings: Settings, *, pool_size: int) -> AsyncIterator[AsyncEngine]:
+    """A command's engine: the database and its schema checked first, disposed at the end."""
+    from orderflow.wiring import check_database, create_engine
+
+    engine = create_engine(settings, pool_size=pool_size)
+    try:
+        await check_database(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -279,7 +294,7 @@ def backfill_snapshots_command(
             backfill_snapshots,
         )
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import check_database, create_engine, session_factory
+        from orderflow.wiring import session_factory
 
         request = SnapshotRequest(
             topic=settings.outbound_topic,
@@ -292,10 +307,8 @@ def backfill_snapshots_command(
             dry_run=dry_run,
         )
         summary = Summary("backfill snapshots", "queued", "skipped")
-        engine = create_engine(settings, pool_size=2)
         stop = asyncio.Event()
-        try:
-            await check_database(engine)
+        async with _database(settings, pool_size=2) as engine:
             with progress_bar("snapshots", None) as progress, _stop_on_signals(stop):
 
                 def started(outcome: SnapshotOutcome) -> None:
@@ -330,8 +343,6 @@ def backfill_snapshots_command(
                     )
                 except AlreadyFinished as error:
                     fail(str(error))
-        finally:
-            await engine.dispose()
         if dry_run:
             summary.add("queued", outcome.queued)
             summary.print(dry_run=True)
@@ -371,15 +382,13 @@ def backfill_runs_command(
         import orjson
 
         from consumer.snapshots import list_runs
-        from orderflow.wiring import check_database, create_engine, session_factory
+        from orderflow.wiring import session_factory
 
-        engine = create_engine(settings, pool_size=1)
-        try:
-            await check_database(engine)
-            async with session_factory(engine)() as session:
-                runs = await list_runs(session, limit=limit)
-        finally:
-            await engine.dispose()
+        async with (
+            _database(settings, pool_size=1) as engine,
+            session_factory(engine)() as session,
+        ):
+            runs = await list_runs(session, limit=limit)
         if as_json:
             for item in runs:
                 print(
@@ -514,13 +523,7 @@ def replay_outbox_command(
             stop_client,
         )
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import (
-            check_database,
-            create_engine,
-            create_producer,
-            session_factory,
-            start_kafka_client,
-        )
+        from orderflow.wiring import create_producer, session_factory, start_kafka_client
 
         request = OutboxReplayRequest(
             since=since_at,
@@ -535,45 +538,47 @@ def replay_outbox_command(
         if not dry_run:
             settings.require_kafka()
         summary = Summary("replay outbox", "matched", "published")
-        engine = create_engine(settings, pool_size=1)
         producer: AIOKafkaProducer | None = None
         stop = asyncio.Event()
-        try:
-            await check_database(engine)
-            if not dry_run:
-                producer = create_producer(settings)
-                await start_kafka_client(producer, settings)
-            with progress_bar("replaying", None) as progress, _stop_on_signals(stop):
+        async with _database(settings, pool_size=1) as engine:
+            try:
+                if not dry_run:
+                    producer = create_producer(settings)
+                    await start_kafka_client(producer, settings)
+                with progress_bar("replaying", None) as progress, _stop_on_signals(stop):
 
-                def started(outcome: OutboxReplayOutcome) -> None:
-                    progress.set_total(outcome.matched)
-                    summary.add("matched", outcome.matched)
-                    oldest = outcome.oldest_retained
-                    kept = f"published messages are kept {settings.outbox_retention_hours:g} h"
-                    if oldest is None:
-                        _note(f"note: no published message of {request.topic} is retained ({kept})")
-                    elif oldest > since_at:
-                        _note(
-                            f"note: {kept}; the oldest one of {request.topic} still retained "
-                            f"was published at {_when(oldest)}: nothing older can be replayed"
-                        )
+                    def started(outcome: OutboxReplayOutcome) -> None:
+                        progress.set_total(outcome.matched)
+                        summary.add("matched", outcome.matched)
+                        oldest = outcome.oldest_retained
+                        hours = settings.outbox_retention_hours
+                        kept = f"published messages are kept {hours:g} h"
+                        if oldest is None:
+                            _note(
+                                f"note: no published message of {request.topic} is retained "
+                                f"({kept})"
+                            )
+                        elif oldest > since_at:
+                            _note(
+                                f"note: {kept}; the oldest one of {request.topic} still retained "
+                                f"was published at {_when(oldest)}: nothing older can be replayed"
+                            )
 
-                def published(count: int) -> None:
-                    summary.add("published", count)
-                    progress.advance(count)
+                    def published(count: int) -> None:
+                        summary.add("published", count)
+                        progress.advance(count)
 
-                outcome = await replay_outbox(
-                    session_factory(engine),
-                    producer,
-                    request,
-                    stop=stop,
-                    on_start=started,
-                    on_published=published,
-                )
-        finally:
-            if producer is not None:
-                await stop_client(producer)
-            await engine.dispose()
+                    outcome = await replay_outbox(
+                        session_factory(engine),
+                        producer,
+                        request,
+                        stop=stop,
+                        on_start=started,
+                        on_published=published,
+                    )
+            finally:
+                if producer is not None:
+                    await stop_client(producer)
         summary.print(dry_run=dry_run)
         if outcome.interrupted:
             _note(f"interrupted after {outcome.published} of {outcome.matched} messages")
@@ -667,7 +672,6 @@ def replay_topic_command(
             replay_topic,
         )
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import check_database, create_engine
 
         settings.require_kafka()
         replay_group = group or f"{settings.consumer_group}.replay"
@@ -688,10 +692,8 @@ def replay_topic_command(
             if dry_run
             else Summary("replay topic", "applied", "skipped", "dead_lettered")
         )
-        engine = create_engine(settings, pool_size=settings.db_pool_size + 1)
         stop = asyncio.Event()
-        try:
-            await check_database(engine)
+        async with _database(settings, pool_size=settings.db_pool_size + 1) as engine:
             with progress_bar("events", None) as progress, _stop_on_signals(stop):
 
                 def planned(outcome: TopicReplayOutcome) -> None:
@@ -714,8 +716,6 @@ def replay_topic_command(
                     )
                 except ReplayError as error:
                     fail(str(error))
-        finally:
-            await engine.dispose()
         if dry_run:
             summary.add("skipped", outcome.skipped)
             summary.add("to_process", outcome.to_process)

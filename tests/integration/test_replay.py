@@ -370,3 +370,30 @@ async def test_two_replays_of_one_group_do_not_run_at_once(env: TestEnv) -> None
                 stop=asyncio.Event(),
             )
     assert await applied_count(env.sessions) == 0
+
+
+# --------------------------------------------------------------------------- backfill runs
+
+
+async def test_backfill_runs_lists_each_run_with_its_filters_status_and_counts(
+    env: TestEnv,
+) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    await apply_directly(env, [placed(first), placed(second), paid(first)])
+
+    empty = await invoke(env.settings, "backfill", "runs")
+    assert empty.exit_code == 0, empty.output
+    assert "no backfill runs yet" in empty.output
+
+    backfill = await invoke(env.settings, "backfill", "snapshots", "--status", "paid")
+    assert backfill.exit_code == 0, backfill.output
+    listed = await invoke(env.settings, "backfill", "runs", "--json")
+    assert listed.exit_code == 0, listed.output
+    runs = [decode_json(line.encode()) for line in listed.stdout.splitlines() if line]
+    assert len(runs) == 1
+    (only,) = runs
+    assert only["kind"] == "snapshots"
+    assert only["status"] == "finished"
+    assert only["filters"]["status"] == ["paid"]
+    assert only["queued"] == 1
+    assert only["finished_at"] is not None

@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from orderflow.embedded import EmbeddedKafka, free_port
 from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
+from outbox import OutboxMessage, add_messages
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.e2e.test_chaos import (
@@ -98,10 +99,16 @@ async def unpublished(env: TestEnv) -> tuple[int, int]:
 
 
 async def wait_published(
-    env: TestEnv, expected: Expected, processes: list[Process], *, within: float = 60.0
+    env: TestEnv,
+    expected: Expected,
+    processes: list[Process],
+    *,
+    within: float = 60.0,
+    others: int = 0,
 ) -> None:
-    """Until every outbox row the stream causes exists and is marked published."""
-    rows = len(expected.applied) + sum(expected.dead_letters.values())
+    """Until every outbox row the stream causes (and ``others`` more) exists and is marked
+    published."""
+    rows = len(expected.applied) + sum(expected.dead_letters.values()) + others
     deadline = time.monotonic() + within
     while True:
         for process in processes:
@@ -285,6 +292,11 @@ async def test_a_broker_outage_of_a_minute_is_ridden_out(
 ) -> None:
     proxy = broker_behind_proxy
     settings = await through(proxy, env.settings)
+    side_topic = f"{settings.outbound_topic}.side"
+    await ensure_topics(settings, [side_topic])
+    side = [
+        OutboxMessage(side_topic, f"side-{i}".encode(), f"side-{i}".encode()) for i in range(20)
+    ]
     stream = Stream(sample_messages(2000, seed=67))
     expected = expected_outcome(stream.messages)
     async with SlowLink(database_port(settings), delay=0.002) as link:
@@ -295,17 +307,27 @@ async def test_a_broker_outage_of_a_minute_is_ridden_out(
         await wait_progress(env, stream, 0, within=30)
         assert await stored_total(env) < stream.produced, "the consumer is idle: cut too late"
         await proxy.cut()
+        # Written while the broker is unreachable, so certain to have to wait (whether the
+        # consumer still had fetched events to apply at the cut is up to timing).
+        async with env.sessions() as session, session.begin():
+            await add_messages(session, side)
         await hold(OUTAGE_SECONDS, consumer, relay)
-        # The relay could publish nothing: what the consumer applied meanwhile waits.
+        # The relay could publish nothing: what was written meanwhile waits.
         rows, waiting = await unpublished(env)
-        assert waiting > 0, f"no backlog after the outage ({rows} outbox rows)"
+        assert waiting >= len(side), f"{waiting} of {rows} outbox rows wait after the outage"
         await proxy.restore()
         await stream.flow(settings, per_second=500, start=1000)
         await wait_drained(env, stream, [consumer, relay], within=90)
-        await wait_published(env, expected, [consumer, relay])
+        await wait_published(env, expected, [consumer, relay], others=len(side))
         assert "outbox messages failed, will retry" in relay.stderr(), relay.describe()
         await assert_topics(settings, expected)
+        # Never sent before the outage, so published exactly once after it.
+        records = await read_topic(settings, side_topic, len(side))
+        assert sorted(record.value for record in records) == sorted(m.payload for m in side)
         await asyncio.gather(sigterm(relay), sigterm(consumer))
+    # The end state compares the stream's own outbox rows: the side rows are done with.
+    async with env.sessions() as session, session.begin():
+        await session.execute(delete(OutboxRecord).where(OutboxRecord.topic == side_topic))
     await assert_exact_end_state(env, stream)
 
 

@@ -11,16 +11,16 @@ claims free shards up to ceil(shards / relays) or releases its surplus.
 One owner per shard at a time, publishing in id order, and sending a batch only once
 every message of the batch before it is acknowledged: so each key's messages reach the
 topic in the order they were committed, and a failed batch is retried before anything
-newer goes out. The database and the broker still work at the same time: while batch N
-is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
+newer goes out. The database and the broker still work at the same time: while
+batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
 message at a time, and reads and marks rows on the driver connection directly.
 
 At least once: rows are marked published only after the broker acknowledged them. A
-crash between the ack and the mark repeats at most that batch, with the same bytes (and
-so the same ``event_id`` headers and payload ids).
+crash between an ack and its mark repeats what was not marked yet (at most the last two
+batches), with the same bytes (and so the same ``event_id`` headers and payload ids).
 
 Latency: an insert trigger sends ``NOTIFY`` once per committing transaction; the relay
 ``LISTEN``s and wakes at once. A slow poll covers a lost notification.
@@ -38,7 +38,6 @@ from datetime import timedelta
 from typing import Any, Final, Protocol
 
 import orjson
-from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy import text
@@ -104,17 +103,6 @@ class _FloorCandidate:
 
 
 @dataclass(frozen=True, slots=True)
-class _InFlight:
-    """A batch handed to the producer whose acks are awaited."""
-
-    rows: list[_Row]
-    ids: list[int]
-    deliveries: asyncio.Future[None]
-    #: Loop time when the batch was handed to the producer.
-    started: float
-
-
-@dataclass(frozen=True, slots=True)
 class _Row:
     id: int
     topic: str
@@ -125,8 +113,27 @@ class _Row:
     age: float
 
 
-# Run on the driver connection itself (asyncpg, prepared once): the two statements of
-# every batch skip SQLAlchemy's result machinery, which costs more than the query.
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A batch's rows, as record batches (each in id order)."""
+
+    rows: list[_Row]
+    record_batches: list[tuple[str, int, BatchBuilder]]
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A batch handed to the producer whose acks are awaited."""
+
+    rows: list[_Row]
+    ids: list[int]
+    deliveries: asyncio.Future[None]
+    #: Loop time when the batch was handed to the producer.
+    started: float
+
+
+# Run on the driver connection itself (asyncpg, prepared once): the statements of every
+# batch skip SQLAlchemy's result machinery, which costs more than the query.
 _SELECT_BATCH: Final = """
     SELECT id, topic, key, payload, CAST(headers AS text) AS headers,
            CAST(EXTRACT(EPOCH FROM clock_timestamp() - created_at) AS float8) AS age
@@ -206,12 +213,14 @@ class Relay:
         self._engine = engine
         self._observer = observer
         self._partitioner = DefaultPartitioner()
-        self._producer = producer
+        self.producer = producer
         self._config = config or RelayConfig()
         self._wake = asyncio.Event()
         self._owned: set[int] = set()
         self._floor = 0
         self._candidate: _FloorCandidate | None = None
+        #: Where a claim round starts looking for free shards (see ``_claim``).
+        self._random = random.Random()
         self.stats = RelayStats()
 
     @property
@@ -253,12 +262,10 @@ class Relay:
                 self.stats.owned_shards = 0
                 self._observer.left()
             if not stop.is_set():
-                await backoff.sleep(stop)
+                await self._sleep(stop, backoff.next_delay())
 
     async def _listen(self, connection: AsyncConnection) -> None:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
+        driver = await _driver(connection)
 
         def notified(*_: object) -> None:
             self._wake.set()
@@ -275,15 +282,14 @@ class Relay:
         every message of N is acknowledged, so a failure in N is retried before anything
         newer of its keys goes out; when N fails, the fetched N+1 is dropped unsent.
         """
-        loop = asyncio.get_running_loop()
         next_claim = 0.0
-        next_prune = loop.time() + 1.0
+        next_prune = self._now() + 1.0
         next_floor = 0.0
         in_flight: _InFlight | None = None
         full = False
         try:
             while not stop.is_set():
-                now = loop.time()
+                now = self._now()
                 housekeeping = now >= next_claim or now >= next_prune
                 if housekeeping and in_flight is None:
                     # Shards change hands only with nothing in flight.
@@ -312,16 +318,17 @@ class Relay:
                 if in_flight is not None:
                     if not await self._acknowledged(in_flight):
                         in_flight = None
-                        await backoff.sleep(stop)
+                        await self._sleep(stop, backoff.next_delay())
                         continue  # what was fetched is dropped unsent, and read again
                     acknowledged, in_flight = in_flight, None
                 if rows and not stop.is_set():  # stopping: what was read waits for later
-                    in_flight = self._send(rows)
+                    outgoing = await self._prepare(rows)
+                    in_flight = await self._send(outgoing)
                 if acknowledged is not None:
                     await self._mark(connection, acknowledged)
                     backoff.reset()
                 if in_flight is None:
-                    due = min(next_claim, next_prune) - loop.time()
+                    due = min(next_claim, next_prune) - self._now()
                     await self._wait(stop, min(self._config.poll_interval, max(0.0, due)))
         except BaseException:
             # Failing (the database, most likely): nothing more is marked on this
@@ -345,39 +352,18 @@ class Relay:
         finally:
             batch.deliveries.cancel()
 
-    def _send(self, rows: list[_Row]) -> _InFlight:
-        """Hand the batch to the producer, in id order; the acks arrive later."""
-        started = asyncio.get_running_loop().time()
-        deliveries = asyncio.ensure_future(self._send_all(rows))
-        return _InFlight(
-            rows=rows, ids=[row.id for row in rows], deliveries=deliveries, started=started
-        )
-
-    async def _send_all(self, rows: list[_Row]) -> None:
-        """One record batch per partition (several if large), each partition's in id order.
+    async def _prepare(self, rows: list[_Row]) -> _Outgoing:
+        """The record batches for ``rows``, one per topic partition, each in id order.
 
         Partitions as the producer's own ``send`` would (the default partitioner: murmur2
-        of the key), so a key lands where any Kafka client would put it.
+        of the key), so a key lands where any Kafka client would put it. A full record
+        batch is followed by another of the same partition.
         """
-        deliveries: list[asyncio.Future[Any]] = []
-        try:
-            await self._hand_over(rows, deliveries)
-        finally:
-            # Every part of the batch settles (delivered, or failed for good) before the
-            # batch counts as failed: nothing of it may still reach the broker after its
-            # shards could have moved to another relay.
-            outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    async def _hand_over(self, rows: list[_Row], deliveries: list[asyncio.Future[Any]]) -> None:
-        """Build the batch's record batches and hand them to the producer, collecting each
-        delivery future in ``deliveries``."""
-        producer = self._producer
+        producer = self.producer
         builders: dict[tuple[str, int], BatchBuilder] = {}
         partitions: dict[tuple[str, bytes | None], int] = {}
         topic_partitions: dict[str, list[int]] = {}
+        full: list[tuple[str, int, BatchBuilder]] = []
         for row in rows:
             partition = partitions.get((row.topic, row.key))
             if partition is None:
@@ -389,28 +375,40 @@ class Relay:
                 partition = self._partitioner(row.key, every, every)
                 if row.key is not None:
                     partitions[(row.topic, row.key)] = partition
-            destination = (row.topic, partition)
-            builder = builders.get(destination)
+            builder = builders.get((row.topic, partition))
             if builder is None:
-                builder = builders[destination] = producer.create_batch()
+                builder = builders[(row.topic, partition)] = producer.create_batch()
+            # A builder takes its first record whatever its size.
             if (
                 builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
                 is None
             ):
-                # Full: send it, and start the partition's next batch with this row.
+                full.append((row.topic, partition, builder))
+                builder = builders[(row.topic, partition)] = producer.create_batch()
+                builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
+        return _Outgoing(
+            rows,
+            [*full, *((topic, partition, b) for (topic, partition), b in builders.items())],
+        )
+
+    async def _send(self, outgoing: _Outgoing) -> _InFlight:
+        """Hand the record batches to the producer; the acks arrive later."""
+        started = asyncio.get_running_loop().time()
+        deliveries: list[asyncio.Future[Any]] = []
+        refused: Exception | None = None
+        try:
+            for topic, partition, builder in outgoing.record_batches:
                 deliveries.append(
-                    await producer.send_batch(builder, row.topic, partition=partition)
+                    await self.producer.send_batch(builder, topic, partition=partition)
                 )
-                builder = builders[destination] = producer.create_batch()
-                if (
-                    builder.append(
-                        timestamp=None, key=row.key, value=row.payload, headers=row.headers
-                    )
-                    is None
-                ):
-                    raise MessageSizeTooLargeError(f"outbox message {row.id} does not fit a batch")
-        for (topic, partition), builder in builders.items():
-            deliveries.append(await producer.send_batch(builder, topic, partition=partition))
+        except Exception as error:
+            refused = error
+        return _InFlight(
+            rows=outgoing.rows,
+            ids=[row.id for row in outgoing.rows],
+            deliveries=asyncio.ensure_future(_settled(deliveries, refused)),
+            started=started,
+        )
 
     async def _acknowledged(self, batch: _InFlight) -> bool:
         """Wait for every ack of ``batch``; False (nothing to mark) on any failure."""
@@ -445,13 +443,23 @@ class Relay:
         self.stats.published += len(batch.rows)
         self.stats.batches += 1
 
+    def _now(self) -> float:
+        """The clock the relay's rounds (claim, floor, prune) are timed by."""
+        return asyncio.get_running_loop().time()
+
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait up to ``seconds`` for a notification or ``stop``."""
         waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds`` (a backoff), or less if ``stop`` is set meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
 
     async def _claim(self, connection: AsyncConnection) -> None:
         """Move towards a fair share: ceil(shards / live relays) each.
@@ -472,7 +480,7 @@ class Relay:
             free = [shard for shard in range(SHARD_COUNT) if shard not in self._owned]
             # Start at a different place in each relay, so that relays joining together
             # don't all try the same shards first.
-            start = random.randrange(len(free))
+            start = self._random.randrange(len(free))
             result = await connection.execute(
                 _CLAIM,
                 {
@@ -556,6 +564,18 @@ class Relay:
             self.stats.pruned += deleted
             if deleted < self._config.prune_batch:
                 return
+
+
+async def _settled(deliveries: Sequence[asyncio.Future[Any]], refused: Exception | None) -> None:
+    """Every part of a batch settles (delivered, or failed for good) before the batch
+    counts as failed: nothing of it may still reach the broker after its shards could
+    have moved to another relay. Then the first failure, if any, is the batch's."""
+    outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+    if refused is not None:
+        raise refused
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _headers(document: str) -> list[tuple[str, bytes]]:

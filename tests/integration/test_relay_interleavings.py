@@ -1,0 +1,102 @@
+"""The relay under chosen and random interleavings (see ``tests.relay_harness``).
+
+The scan floor reasons about transaction ids, which belong to the whole server, not to one
+database: any other session's commit can hide a hole (it moves the snapshot horizon the
+floor is judged by). So these tests run on a PostgreSQL server of their own, where the
+only transactions are the schedule's.
+
+``ORDERFLOW_SCHEDULES`` (default 200) sets how many random schedules run, from seed
+``ORDERFLOW_SCHEDULE_SEED`` (default 1), each ``ORDERFLOW_SCHEDULE_STEPS`` steps long
+(default 80) before its drain: e.g. ``ORDERFLOW_SCHEDULES=2000 scripts/test
+tests/integration/test_relay_interleavings.py -k random`` for a long search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from orderflow.embedded import EmbeddedPostgres
+from orderflow.migrate import upgrade
+from orderflow.settings import Settings
+from orderflow.topics import ensure_topics
+from outbox.relay import RelayConfig
+from tests.relay_harness import Harness, harness_for, kafka_for
+from tests.services import Services
+
+pytestmark = pytest.mark.integration
+
+TEMPLATE = "orderflow_harness_template"
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[str]:
+    """A PostgreSQL server for this module alone, with a migrated template database."""
+    with EmbeddedPostgres(durable=False) as postgres:
+        asyncio.run(_admin(postgres.url, f'CREATE DATABASE "{TEMPLATE}"'))
+        upgrade(postgres.url.rsplit("/", 1)[0] + f"/{TEMPLATE}")
+        yield postgres.url
+
+
+async def _admin(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def settings(private_server: str, services: Services) -> Iterator[Settings]:
+    """A fresh database on the private server, and a fresh topic on the test broker."""
+    suffix = uuid.uuid4().hex[:10]
+    database = f"harness_{suffix}"
+    asyncio.run(_admin(private_server, f'CREATE DATABASE "{database}" TEMPLATE "{TEMPLATE}"'))
+    settings = Settings(
+        database_url=private_server.rsplit("/", 1)[0] + f"/{database}",
+        kafka_bootstrap_servers=services.bootstrap_servers,
+        outbound_topic=f"orders.updates.{suffix}",
+        kafka_idempotence=False,
+    )
+    asyncio.run(ensure_topics(settings, [settings.outbound_topic], partitions=3))
+    yield settings
+    asyncio.run(_admin(private_server, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+@dataclass
+class Bench:
+    harness: Harness
+    reader: AIOKafkaConsumer
+    start: dict[int, int]
+
+    async def finish(self) -> list[str]:
+        """Stop the relays, read what reached the topic, and return every violation."""
+        await self.harness.stop_relays()
+        await self.harness.check_topic(self.reader, self.start)
+        return self.harness.violations
+
+
+@pytest.fixture
+async def bench(settings: Settings) -> AsyncIterator[Bench]:
+    topic = settings.outbound_topic
+    async with (
+        kafka_for(settings, topic) as (kafka, reader),
+        harness_for(settings, kafka, topic, {}) as harness,
+    ):
+        yield Bench(harness, reader, {})
+
+
+CONFIG = RelayConfig(batch_size=10, prune_interval=10.0**9)
+
+
+async def idle_relay(harness: Harness, config: RelayConfig = CONFIG) -> None:
+    """One relay, connected, owning every shard, waiting for work."""
+    relay = harness.add_relay(config)
+    await harness.run_until(relay, "idle")
+    assert len(relay.owned_shards) == 64

@@ -96,10 +96,10 @@ class RelayStats:
 
 @dataclass(frozen=True, slots=True)
 class _FloorCandidate:
-    """The newest committed outbox id and the snapshot it was read in."""
+    """The newest committed outbox id, and a transaction id taken after it was read."""
 
     newest: int
-    snapshot: str
+    xid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +144,15 @@ _SELECT_BATCH: Final = """
     LIMIT $3
 """
 # The scan floor (see ``Relay._advance_floor``), in one round trip: whether every
-# transaction that was running at the candidate's snapshot ($1) has ended as seen by this
-# statement's snapshot; if so, the lowest unpublished id of the owned shards ($2) from the
-# current floor ($3) up to the candidate's newest id ($4); and the next candidate: the
-# newest committed id and this statement's snapshot.
+# transaction older than the candidate's transaction id ($1) has ended (the oldest one
+# still running, this statement's snapshot's xmin, is younger); if so, the lowest
+# unpublished id of the owned shards ($2) from the current floor ($3) up to the
+# candidate's newest id ($4); and the next candidate: the newest committed id, and a
+# transaction id taken after this statement's snapshot (this statement's own).
 _ADVANCE_FLOOR: Final = """
     WITH candidate AS (
-        SELECT coalesce(bool_and(pg_visible_in_snapshot(xid, pg_current_snapshot())), true)
+        SELECT pg_snapshot_xmin(pg_current_snapshot()) > CAST(CAST($1 AS text) AS xid8)
                AS settled
-        FROM pg_snapshot_xip(CAST(CAST($1 AS text) AS pg_snapshot)) AS xid
     )
     SELECT settled,
            CASE WHEN settled THEN (
@@ -160,11 +160,9 @@ _ADVANCE_FLOOR: Final = """
                WHERE published_at IS NULL AND shard = ANY($2::int[]) AND id >= $3 AND id <= $4
            ) END AS lowest,
            (SELECT max(id) FROM outbox_messages) AS newest,
-           CAST(pg_current_snapshot() AS text) AS snapshot
+           CAST(pg_current_xact_id() AS text) AS xid
     FROM candidate
 """
-#: A snapshot with no transaction in progress: stands for "no candidate yet".
-_NO_SNAPSHOT: Final = "1:1:"
 _MARK_PUBLISHED: Final = (
     "UPDATE outbox_messages SET published_at = now() "
     "WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
@@ -510,29 +508,34 @@ class Relay:
         and more as a long backlog drains).
 
         Rows commit out of id order, so the floor may not pass a row whose transaction
-        is still running. A candidate is the newest committed id and the snapshot it was
-        read in: every id up to it was taken before that snapshot, by a transaction that
-        already had a transaction id (``add_messages`` makes sure of that), so one still
-        running then is listed in the snapshot. Once all of those have ended, every row
-        up to the candidate is committed (or gone): the floor moves to the lowest of them
-        still unpublished in the owned shards (rows in flight included), or past them all.
+        is still running. A candidate is the newest committed id, and a transaction id
+        taken after it was read. Every writer of an id up to the candidate took its own
+        transaction id before that id (``add_messages`` makes sure of it), and so before
+        the candidate's: once the oldest transaction still running is younger than the
+        candidate's, all of them have ended, and every row up to the candidate is
+        committed (or gone). The floor then moves to the lowest of them still unpublished
+        in the owned shards (rows in flight included), or past them all.
+
+        (A snapshot's list of running transactions would not do: it lists only those
+        below its ``xmax``, one past the newest *completed* transaction, so a writer that
+        took its id after that is running but not listed.)
         """
         candidate = self._candidate
         driver = await _driver(connection)
         record = await driver.fetchrow(
             _ADVANCE_FLOOR,
-            candidate.snapshot if candidate else _NO_SNAPSHOT,
+            candidate.xid if candidate else None,
             sorted(self._owned),
             self._floor,
             candidate.newest if candidate else -1,
         )
         if candidate is not None:
             if not record["settled"]:
-                return  # wait for the candidate's transactions
+                return  # wait for the older transactions
             lowest = record["lowest"]
             self._floor = candidate.newest + 1 if lowest is None else lowest
         newest = record["newest"]
-        self._candidate = None if newest is None else _FloorCandidate(newest, record["snapshot"])
+        self._candidate = None if newest is None else _FloorCandidate(newest, record["xid"])
 
     async def _fetch(self, connection: AsyncConnection, in_flight: Sequence[int]) -> list[_Row]:
         driver = await _driver(connection)

@@ -100,3 +100,46 @@ async def idle_relay(harness: Harness, config: RelayConfig = CONFIG) -> None:
     relay = harness.add_relay(config)
     await harness.run_until(relay, "idle")
     assert len(relay.owned_shards) == 64
+
+
+async def test_the_floor_waits_for_a_writer_whose_transaction_id_is_newer_than_every_commit(
+    bench: Bench,
+) -> None:
+    """X takes transaction id a; Y takes b > a and writes row i; X writes j > i and commits.
+    A snapshot taken now lists only running transactions below one past the newest
+    *completed* id (a + 1), so Y is not in it: a floor judged by that list passes i while Y
+    is still open, and i is never read again (or goes out after newer messages of its
+    key). The floor must wait for Y."""
+    harness = bench.harness
+    await idle_relay(harness)
+    [relay] = harness.relays
+    x, y = harness.begin(), harness.begin()
+    await harness.take_xid(x)
+    await harness.take_xid(y)
+    [late] = await harness.insert(y, [b"late"])
+    [other] = await harness.insert(x, [b"other"])
+    assert other.id > late.id
+    await harness.commit(x)
+
+    # A floor round takes its candidate (the newest committed id: j); the relay publishes
+    # and marks j (a mark is a transaction too, but after the candidate).
+    harness.clock.now += 0.3
+    await harness.release(relay)
+    await harness.run_until(relay, "floor")
+    await harness.release(relay)
+    await harness.run_until(relay, "idle")
+    assert relay.stats.published == 1
+    # Rounds later, Y is still open: the floor has not passed its row.
+    for _ in range(3):
+        harness.clock.now += 0.3
+        await harness.release(relay)
+        await harness.run_until(relay, "idle")
+    assert relay.scan_floor <= late.id
+
+    await harness.commit(y)
+    z = harness.begin()
+    await harness.insert(z, [b"late"])
+    await harness.commit(z)
+    await harness.drain()
+    assert await bench.finish() == []
+    assert relay.stats.published == 3

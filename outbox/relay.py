@@ -11,7 +11,9 @@ claims free shards up to ceil(shards / relays) or releases its surplus.
 One owner per shard at a time, publishing in id order, and sending a batch only once
 every message of the batch before it is acknowledged: so each key's messages reach the
 topic in the order they were committed, and a failed batch is retried before anything
-newer goes out. The database and the broker still work at the same time: while
+newer goes out. A batch carries at most one record batch per partition (a record batch is
+appended whole or not at all), so no part of a partition's share can land while an
+earlier part failed. The database and the broker still work at the same time: while
 batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
@@ -115,7 +117,7 @@ class _Row:
 
 @dataclass(frozen=True, slots=True)
 class _Outgoing:
-    """A batch's rows, as record batches (each in id order)."""
+    """A batch's rows, as record batches: at most one per topic partition."""
 
     rows: list[_Row]
     record_batches: list[tuple[str, int, BatchBuilder]]
@@ -321,6 +323,8 @@ class Relay:
                     acknowledged, in_flight = in_flight, None
                 if rows and not stop.is_set():  # stopping: what was read waits for later
                     outgoing = await self._prepare(rows)
+                    # What did not fit is read again with the next batch.
+                    full = full or len(outgoing.rows) < len(rows)
                     in_flight = await self._send(outgoing)
                 if acknowledged is not None:
                     await self._mark(connection, acknowledged)
@@ -354,14 +358,16 @@ class Relay:
         """The record batches for ``rows``, one per topic partition, each in id order.
 
         Partitions as the producer's own ``send`` would (the default partitioner: murmur2
-        of the key), so a key lands where any Kafka client would put it. A full record
-        batch is followed by another of the same partition.
+        of the key), so a key lands where any Kafka client would put it. When a
+        partition's record batch is full, the batch ends before the row that did not fit:
+        a second record batch of that partition could be appended while the first failed,
+        newer messages of its keys before older ones.
         """
         producer = self.producer
         builders: dict[tuple[str, int], BatchBuilder] = {}
         partitions: dict[tuple[str, bytes | None], int] = {}
         topic_partitions: dict[str, list[int]] = {}
-        full: list[tuple[str, int, BatchBuilder]] = []
+        taken = 0
         for row in rows:
             partition = partitions.get((row.topic, row.key))
             if partition is None:
@@ -376,17 +382,21 @@ class Relay:
             builder = builders.get((row.topic, partition))
             if builder is None:
                 builder = builders[(row.topic, partition)] = producer.create_batch()
-            # A builder takes its first record whatever its size.
+            # A builder takes its first record whatever its size: only a partition
+            # that already has records here can be full.
             if (
                 builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
                 is None
             ):
-                full.append((row.topic, partition, builder))
-                builder = builders[(row.topic, partition)] = producer.create_batch()
-                builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
+                break
+            taken += 1
         return _Outgoing(
-            rows,
-            [*full, *((topic, partition, b) for (topic, partition), b in builders.items())],
+            rows[:taken],
+            [
+                (topic, partition, builder)
+                for (topic, partition), builder in builders.items()
+                if builder.record_count()
+            ],
         )
 
     async def _send(self, outgoing: _Outgoing) -> _InFlight:

@@ -143,3 +143,26 @@ async def test_the_floor_waits_for_a_writer_whose_transaction_id_is_newer_than_e
     await harness.drain()
     assert await bench.finish() == []
     assert relay.stats.published == 3
+
+
+async def test_a_partitions_share_goes_out_as_one_record_batch_so_no_later_part_lands_first(
+    bench: Bench,
+) -> None:
+    """Four rows of one key fill two record batches. Sent together, the first can fail
+    while the second is appended: the key's newer messages reach the topic before the
+    older ones. The relay ends its batch where the partition's record batch is full."""
+    harness = bench.harness
+    await idle_relay(harness)
+    [relay] = harness.relays
+    writer = harness.begin()
+    rows = await harness.insert(writer, [b"split"] * 4)
+    await harness.commit(writer)
+    await harness.release(relay)
+    await harness.run_until(relay, "ack")
+    first = harness.heads()[0]
+    assert first.ids[0] == rows[0].id
+    await harness.settle(first, "failed")
+    while harness.held:  # whatever else the relay sent with it
+        await harness.settle(harness.held[0], "delivered")
+    await harness.drain()
+    assert await bench.finish() == []

@@ -16,6 +16,10 @@ appended whole or not at all), so no part of a partition's share can land while 
 earlier part failed. The database and the broker still work at the same time: while
 batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
 
+Fenced: a batch is handed to the producer only right after the relay's session answered
+a round trip, so a relay whose session died (and whose shards another relay may now own)
+sends nothing more.
+
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
 message at a time, and reads and marks rows on the driver connection directly.
@@ -54,6 +58,8 @@ log = logging.getLogger("orderflow.relay")
 
 #: At stop, how long a batch on its way may take to be acknowledged (and then marked).
 SETTLE_SECONDS: Final = 5.0
+#: How long the round trip that fences a batch may take before the session counts as lost.
+PROBE_TIMEOUT_SECONDS: Final = 10.0
 #: First key of the two-key advisory locks that mark shard ownership ("oflw").
 ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
 #: First key of the advisory lock each live relay holds, to count relays ("ofmb").
@@ -169,6 +175,7 @@ _MARK_PUBLISHED: Final = (
     "UPDATE outbox_messages SET published_at = now() "
     "WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
 )
+_PROBE: Final = "SELECT 1"
 # The executor evaluates the WHERE clause row by row and stops at the LIMIT, so no more
 # than :wanted locks are taken (a surplus would only be released on the next round).
 _CLAIM: Final = text(
@@ -325,6 +332,8 @@ class Relay:
                     outgoing = await self._prepare(rows)
                     # What did not fit is read again with the next batch.
                     full = full or len(outgoing.rows) < len(rows)
+                    # The fence: the session, and so the shard locks, is alive right now.
+                    await self._probe(connection)
                     in_flight = await self._send(outgoing)
                 if acknowledged is not None:
                     await self._mark(connection, acknowledged)
@@ -444,6 +453,11 @@ class Relay:
             },
         )
         return True
+
+    async def _probe(self, connection: AsyncConnection) -> None:
+        """One round trip: the session is alive, so it still holds its shard locks."""
+        driver = await _driver(connection)
+        await driver.fetchval(_PROBE, timeout=PROBE_TIMEOUT_SECONDS)
 
     async def _mark(self, connection: AsyncConnection, batch: _InFlight) -> None:
         driver = await _driver(connection)

@@ -166,3 +166,26 @@ async def test_a_partitions_share_goes_out_as_one_record_batch_so_no_later_part_
         await harness.settle(harness.held[0], "delivered")
     await harness.drain()
     assert await bench.finish() == []
+
+
+async def test_a_relay_whose_session_ended_sends_nothing_more(bench: Bench) -> None:
+    """With batch N in flight and N+1 already read, the relay's session ends (its shards
+    are free for another relay from that instant). N's ack arrives: N+1 must not be sent
+    by this relay, whose session no longer holds the shards."""
+    harness = bench.harness
+    await idle_relay(harness, RelayConfig(batch_size=1, prune_interval=10.0**9))
+    [relay] = harness.relays
+    writer = harness.begin()
+    first, _ = await harness.insert(writer, [b"fenced", b"fenced"])
+    await harness.commit(writer)
+    await harness.release(relay)
+    await harness.run_until(relay, "ack")  # N sent, N+1 read ahead (N filled a batch)
+    [held] = harness.held
+    assert held.ids == [first.id]
+    await harness.end_session(relay)
+    await harness.settle(held, "delivered")
+    await harness.release(relay)  # N acknowledged; N+1 would go next
+    assert harness.held == [], "N+1 was handed to the producer"
+    await harness.drain()
+    assert await bench.finish() == []
+    assert relay.stats.failures >= 1  # it lost its session, reconnected and went on

@@ -14,6 +14,7 @@ tests/integration/test_relay_interleavings.py -k random`` for a long search.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from orderflow.migrate import upgrade
 from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
 from outbox.relay import RelayConfig
-from tests.relay_harness import Harness, harness_for, kafka_for
+from tests.relay_harness import Harness, harness_for, kafka_for, run_schedules
 from tests.services import Services
 
 pytestmark = pytest.mark.integration
@@ -189,3 +190,17 @@ async def test_a_relay_whose_session_ended_sends_nothing_more(bench: Bench) -> N
     await harness.drain()
     assert await bench.finish() == []
     assert relay.stats.failures >= 1  # it lost its session, reconnected and went on
+
+
+@pytest.mark.timeout(1800)
+async def test_random_schedules_keep_every_guarantee(settings: Settings) -> None:
+    count = int(os.environ.get("ORDERFLOW_SCHEDULES", "200"))
+    first = int(os.environ.get("ORDERFLOW_SCHEDULE_SEED", "1"))
+    steps = int(os.environ.get("ORDERFLOW_SCHEDULE_STEPS", "80"))
+    failed = await run_schedules(
+        settings, settings.outbound_topic, range(first, first + count), steps=steps
+    )
+    assert not failed, "\n\n".join(
+        f"seed {outcome.seed} ({outcome.steps} steps):\n  " + "\n  ".join(outcome.violations)
+        for outcome in failed[:3]
+    ) + f"\n\n{len(failed)} of {count} schedules failed"

@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from orderflow.settings import Settings, SettingsError
-from orderflow.wiring import StartupError
+from orderflow.wiring import ServiceError, StartupError
 
 DatabaseUrl = Annotated[
     str | None,
@@ -81,5 +81,5 @@ def run(coroutine: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coroutine)
     except SettingsError as error:
         fail(str(error), 2)
-    except StartupError as error:
+    except (StartupError, ServiceError) as error:
         fail(str(error), 1)

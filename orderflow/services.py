@@ -16,6 +16,8 @@ from orderflow.health import serve_health
 from orderflow.metrics import ConsumerMetrics, RelayMetrics
 from orderflow.settings import Settings
 from orderflow.wiring import (
+    ServiceError,
+    StartupError,
     check_database,
     create_consumer,
     create_engine,
@@ -23,7 +25,8 @@ from orderflow.wiring import (
     session_factory,
     start_kafka_client,
 )
-from outbox.relay import Relay, RelayConfig
+from outbox.faults import Backoff
+from outbox.relay import ProducerBroken, PublishForbidden, Relay, RelayConfig
 
 T = TypeVar("T")
 
@@ -102,16 +105,44 @@ async def run_relay(
             await check_database(engine)
             producer = create_producer(settings)
             await start_kafka_client(producer, settings)
+            relay = Relay(engine, producer, relay_config(settings), observer=metrics)
             try:
-                relay = Relay(engine, producer, relay_config(settings), observer=metrics)
                 metrics.watch(relay)
                 log.info("relaying the outbox")
                 await _announce(ready, relay)
-                await _until_stopped(relay.run(stop), stop)
+                while not stop.is_set():
+                    try:
+                        await _until_stopped(relay.run(stop), stop)
+                    except ProducerBroken as error:
+                        # run() has released the relay's shards: others publish meanwhile.
+                        log.warning("%s; starting a new producer", error)
+                        await _stop_client(relay.producer, "producer")
+                        relay.producer = await _new_producer(settings, stop)
+                    except PublishForbidden as error:
+                        raise ServiceError(
+                            f"{error}: allow this client to write to {settings.outbound_topic}"
+                            f" and {settings.dlq_topic} (and any other topic outbox rows name)"
+                        ) from error
             finally:
-                await _stop_client(producer, "producer")
+                await _stop_client(relay.producer, "producer")
     finally:
         await engine.dispose()
+
+
+async def _new_producer(settings: Settings, stop: asyncio.Event) -> AIOKafkaProducer:
+    """A started producer, retried with backoff while the broker is unreachable (a relay
+    that lost its producer mid-run waits for the broker as it would for a batch)."""
+    backoff = Backoff(maximum=10.0)
+    while True:
+        producer = create_producer(settings)
+        try:
+            await start_kafka_client(producer, settings)
+            return producer
+        except StartupError as error:
+            if stop.is_set():
+                raise
+            log.warning("%s; retrying", error)
+        await backoff.sleep(stop)
 
 
 async def _announce(ready: Callable[[T], Awaitable[None] | None] | None, component: T) -> None:

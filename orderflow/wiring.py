@@ -46,6 +46,11 @@ class StartupError(RuntimeError):
     """A service is unreachable or not ready; the message is the one line to print."""
 
 
+class ServiceError(RuntimeError):
+    """A running service cannot go on until an operator acts; the message is the one line
+    to print."""
+
+
 def create_engine(
     settings: Settings, *, pool_size: int | None = None, pre_ping: bool = True
 ) -> AsyncEngine:

@@ -28,6 +28,12 @@ At least once: rows are marked published only after the broker acknowledged them
 crash between an ack and its mark repeats what was not marked yet (at most the last two
 batches), with the same bytes (and so the same ``event_id`` headers and payload ids).
 
+Failures: a failed batch is retried with backoff (so is a lost database session, after
+which the relay reconnects and claims shards anew). A producer that can never send again
+(fenced, out of sequence, closed) ends ``run`` with :class:`ProducerBroken`, and one the
+broker refuses to serve (authorization) with :class:`PublishForbidden`: either way the
+relay's session goes, and its shards with it, instead of holding them while it stalls.
+
 Latency: an insert trigger sends ``NOTIFY`` once per committing transaction; the relay
 ``LISTEN``s and wakes at once. A slow poll covers a lost notification.
 """
@@ -44,6 +50,14 @@ from datetime import timedelta
 from typing import Any, Final, Protocol
 
 import orjson
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy import text
@@ -64,6 +78,15 @@ PROBE_TIMEOUT_SECONDS: Final = 10.0
 ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
 #: First key of the advisory lock each live relay holds, to count relays ("ofmb").
 MEMBER_LOCK_NAMESPACE: Final = 0x6F666D62
+#: Errors after which an ``AIOKafkaProducer`` fails every later send: it must be replaced.
+_BROKEN_PRODUCER: Final = (
+    ProducerFenced,
+    OutOfOrderSequenceNumber,
+    TransactionalIdAuthorizationFailed,
+    ProducerClosed,
+)
+#: Errors no retry can cure: the broker refuses this client.
+_FORBIDDEN: Final = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
 
 
 class Producer(Protocol):
@@ -76,6 +99,16 @@ class Producer(Protocol):
     ) -> asyncio.Future[Any]: ...
 
     async def partitions_for(self, topic: str) -> set[int]: ...
+
+
+class ProducerBroken(RuntimeError):
+    """The producer fails every send for good: ``run`` ended (shards released); run it
+    again with a new producer."""
+
+
+class PublishForbidden(RuntimeError):
+    """The broker refuses the relay's messages (authorization): ``run`` ended (shards
+    released); retrying cannot help until an operator acts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +273,9 @@ class Relay:
         return self._floor
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set. Database faults are retried (reconnecting); a
+        producer that can't publish any more ends it with :class:`ProducerBroken` or
+        :class:`PublishForbidden`, its session (and so its shards) released."""
         backoff = Backoff(maximum=10.0)
         while not stop.is_set():
             try:
@@ -433,6 +469,12 @@ class Relay:
             await batch.deliveries
         except Exception as error:
             self.stats.failures += 1
+            if isinstance(error, _BROKEN_PRODUCER):
+                raise ProducerBroken(f"the Kafka producer failed for good: {error!r}") from error
+            if isinstance(error, _FORBIDDEN):
+                raise PublishForbidden(
+                    f"the Kafka broker refuses the relay's messages: {error!r}"
+                ) from error
             log.warning(
                 "publishing %d outbox messages failed, will retry: %s",
                 len(batch.rows),

@@ -18,15 +18,21 @@ from typing import Any, TypeAlias
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    TopicAuthorizationFailedError,
+)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orderflow import services
 from orderflow.samples import SampleStream
-from orderflow.wiring import create_engine, create_producer
+from orderflow.services import run_relay
+from orderflow.wiring import ServiceError, create_engine, create_producer
 from outbox import OutboxMessage, add_messages, shard_of
 from outbox.enqueue import SHARD_COUNT
-from outbox.relay import ADVISORY_LOCK_NAMESPACE, Relay, RelayConfig
+from outbox.relay import ADVISORY_LOCK_NAMESPACE, ProducerBroken, Relay, RelayConfig
 from tests.events import cancelled, delivered, key, paid, placed, shipped
 from tests.helpers import (
     TestEnv,
@@ -398,6 +404,96 @@ async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(
         await wait_all_published(env)
         records = await read_topic(env.settings, topic, len(ids))
     assert sorted(r.key for r in records) == sorted(f"k{i}".encode() for i in range(5))
+
+
+async def shard_locks(env: TestEnv) -> int:
+    """Shard locks granted in the test's database (every relay's)."""
+    async with env.engine.connect() as connection:
+        held = await connection.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objsubid = 2 AND classid = CAST(:namespace AS oid) AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"namespace": ADVISORY_LOCK_NAMESPACE},
+        )
+        return int(held.scalar_one())
+
+
+def fail_for_good(producer: AIOKafkaProducer) -> None:
+    """What aiokafka does when its sender dies of a fatal error (out of sequence, fenced):
+    every batch, and every later send, fails with it."""
+    producer._message_accumulator.fail_all(OutOfOrderSequenceNumber())
+
+
+async def test_a_producer_that_can_never_send_again_ends_the_run_and_frees_the_shards(
+    env: TestEnv,
+) -> None:
+    """A relay that only retried would hold its shards for ever and publish nothing."""
+    await insert_messages(env, [message(env.settings.outbound_topic, "stuck")])
+    engine = create_engine(env.settings, pool_size=1)
+    kafka = create_producer(env.settings)
+    await kafka.start()
+    try:
+        fail_for_good(kafka)
+        relay = Relay(engine, kafka, RelayConfig(claim_interval=0.2))
+        with pytest.raises(ProducerBroken, match="OutOfOrderSequenceNumber"):
+            await asyncio.wait_for(relay.run(asyncio.Event()), timeout=15)
+        assert relay.owned_shards == frozenset()
+        assert await shard_locks(env) == 0
+        assert [row.published_at for row in await outbox_rows(env.sessions)] == [None]
+    finally:
+        await kafka.stop()
+        await engine.dispose()
+
+
+async def test_orderflow_relay_replaces_a_producer_that_failed_for_good(env: TestEnv) -> None:
+    topic = env.settings.outbound_topic
+    async with running_relay(env.settings) as relay:
+
+        async def owns_all() -> None:
+            assert relay.owned_shards == ALL_SHARDS
+
+        await eventually(owns_all)
+        broken = relay.producer
+        assert isinstance(broken, AIOKafkaProducer)
+        fail_for_good(broken)
+        await insert_messages(env, [message(topic, f"after-{i}") for i in range(5)])
+        await wait_all_published(env)
+        assert relay.producer is not broken
+    records = await read_topic(env.settings, topic, 5)
+    assert sorted(record.key for record in records) == [f"after-{i}".encode() for i in range(5)]
+
+
+class Forbidden(FailingAcks):
+    """A producer the broker refuses to serve: every send fails with an authorization
+    error. Starts and stops as the producer it wraps."""
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(TopicAuthorizationFailedError(topic))
+        return refused
+
+
+async def test_orderflow_relay_stops_with_one_line_when_the_broker_refuses_its_messages(
+    env: TestEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        services, "create_producer", lambda settings: Forbidden(create_producer(settings))
+    )
+    await insert_messages(env, [message(env.settings.outbound_topic, "refused")])
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(run_relay(env.settings, asyncio.Event()), timeout=15)
+    assert str(raised.value).startswith("the Kafka broker refuses the relay's messages")
+    assert f"allow this client to write to {env.settings.outbound_topic}" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert await shard_locks(env) == 0
 
 
 async def test_keys_land_on_the_partitions_the_producer_itself_would_choose(

@@ -200,7 +200,10 @@ async def test_random_schedules_keep_every_guarantee(settings: Settings) -> None
     failed = await run_schedules(
         settings, settings.outbound_topic, range(first, first + count), steps=steps
     )
-    assert not failed, "\n\n".join(
-        f"seed {outcome.seed} ({outcome.steps} steps):\n  " + "\n  ".join(outcome.violations)
-        for outcome in failed[:3]
-    ) + f"\n\n{len(failed)} of {count} schedules failed"
+    assert not failed, (
+        "\n\n".join(
+            f"seed {outcome.seed} ({outcome.steps} steps):\n  " + "\n  ".join(outcome.violations)
+            for outcome in failed[:3]
+        )
+        + f"\n\n{len(failed)} of {count} schedules failed"
+    )

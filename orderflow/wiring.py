@@ -276,6 +276,13 @@ async def start_kafka_client(
         reason = _reason(error)
         if captured.last is not None:
             reason = f"{reason} ({captured.last})"
+        if "InitProducerId" in reason:
+            raise StartupError(
+                f"the Kafka broker at {settings.kafka_bootstrap_servers} refused the "
+                f"idempotent producer (InitProducerId failed: {_reason(error)}): it does not "
+                "support it, or does not allow it to this client; set "
+                "ORDERFLOW_KAFKA_IDEMPOTENCE=false for a broker without it"
+            ) from error
         raise StartupError(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
             f"({settings.kafka_security_protocol}): {reason}"

@@ -271,6 +271,20 @@ def test_an_unreachable_broker_is_one_line(command: str, test_settings: Settings
     assert_one_line_error(run_orderflow(command, env=environment), "Kafka", "127.0.0.1:1")
 
 
+def test_idempotence_against_a_broker_without_it_is_one_line_saying_what_to_set(
+    test_settings: Settings, services: Services
+) -> None:
+    if services.kafka_idempotence:
+        pytest.skip("the test broker has the idempotent producer")
+    environment = process_env(test_settings, ORDERFLOW_KAFKA_IDEMPOTENCE="true")
+    assert_one_line_error(
+        run_orderflow("relay", env=environment),
+        "idempotent producer",
+        "InitProducerId",
+        "ORDERFLOW_KAFKA_IDEMPOTENCE=false",
+    )
+
+
 @pytest.mark.parametrize(
     ("command", "variables", "named"),
     [

@@ -59,9 +59,7 @@ class TcpProxy:
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(
-                "127.0.0.1", self.target_port
-            )
+            upstream_reader, upstream_writer = await self._connect_upstream()
         except OSError:
             client_writer.transport.abort()
             return
@@ -80,6 +78,10 @@ class TcpProxy:
                 writer.transport.abort()
                 self._writers.discard(writer)
             self._tasks.difference_update(pumps)
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the target, for one accepted client."""
+        return await asyncio.open_connection("127.0.0.1", self.target_port)
 
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,7 +1,8 @@
 """A TCP proxy the tests can cut: a broker or database outage without restarting it.
 
 ``cut()`` closes every open connection and refuses new ones (the port stops listening);
-``restore()`` listens again on the same port. Runs on the test's event loop.
+``restore()`` listens again on the same port. Runs on the test's event loop. ``SlowLink`` is
+the same proxy with latency.
 """
 
 from __future__ import annotations
@@ -87,5 +88,26 @@ class TcpProxy:
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+
+class SlowLink(TcpProxy):
+    """A TCP proxy that holds every chunk ``delay`` seconds each way: a distant database.
+
+    It widens every window of a batch (before, during and after the commit), so that kills
+    at random moments land in all of them, and keeps a consumer busy long enough to be hit.
+    """
+
+    def __init__(self, target_port: int, *, delay: float) -> None:
+        super().__init__(target_port)
+        self.delay = delay
+
+    async def _pump(  # type: ignore[override]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                await asyncio.sleep(self.delay)
                 writer.write(data)
                 await writer.drain()

@@ -39,7 +39,7 @@ from orderflow.settings import Settings
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.helpers import Expected, TestEnv, decode_json, expected_outcome, header_map
-from tests.proxy import TcpProxy
+from tests.proxy import SlowLink, TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -76,27 +76,6 @@ async def finish(task: asyncio.Future[None]) -> None:
 def assert_all_running(processes: Sequence[Process]) -> None:
     for process in processes:
         process.assert_running()
-
-
-class SlowLink(TcpProxy):
-    """A TCP proxy that holds every chunk ``delay`` seconds each way: a distant database.
-
-    It widens every window of a batch (before, during and after the commit), so that kills
-    at random moments land in all of them, and keeps a consumer busy long enough to be hit.
-    """
-
-    def __init__(self, target_port: int, *, delay: float) -> None:
-        super().__init__(target_port)
-        self.delay = delay
-
-    async def _pump(  # type: ignore[override]
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                await asyncio.sleep(self.delay)
-                writer.write(data)
-                await writer.drain()
 
 
 def database_port(settings: Settings) -> int:

@@ -25,7 +25,6 @@ from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.e2e.test_chaos import (
     BUSY,
-    SlowLink,
     Stream,
     assert_consistent,
     assert_exact_end_state,
@@ -47,7 +46,7 @@ from tests.helpers import (
     header_map,
     read_topic,
 )
-from tests.proxy import TcpProxy
+from tests.proxy import SlowLink, TcpProxy
 from tests.services import Services
 
 pytestmark = pytest.mark.e2e

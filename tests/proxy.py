@@ -9,24 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from types import TracebackType
+from typing import Any, Self
 
 from orderflow.embedded import free_port
 
 
 class TcpProxy:
+    """Between a client and ``target_port``, one upstream connection per client.
+
+    Airtight: once ``cut()`` returns, no connection accepted before or during it carries
+    another byte, whether it was serving, waiting for its upstream connection, or accepted
+    by the loop with its handler not yet started; ``restore()`` revives none of them.
+    """
+
     def __init__(self, target_port: int, *, listen_port: int | None = None) -> None:
         self.target_port = target_port
         self.port = listen_port or free_port()
         self._server: asyncio.Server | None = None
+        #: A new token each time the proxy starts listening, None while it is cut: a
+        #: connection is served only while the token it was accepted under is current.
+        self._listening: object | None = None
+        #: Both ends of every connection, the client's from the moment it is handled.
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Every connection's handler and pumps.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> TcpProxy:
+    async def __aenter__(self) -> Self:
         await self.restore()
         return self
 
@@ -40,45 +54,79 @@ class TcpProxy:
 
     async def restore(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(
-                self._accept, "127.0.0.1", self.port, reuse_address=True
-            )
+            # Current before the port listens: the first connection may come at once.
+            listening = self._listening = object()
+            try:
+                self._server = await asyncio.start_server(
+                    functools.partial(self._accept, listening),
+                    "127.0.0.1",
+                    self.port,
+                    reuse_address=True,
+                )
+            except BaseException:
+                self._listening = None
+                raise
 
     async def cut(self) -> None:
+        # First of all: a handler that starts from now on, or whose upstream connection
+        # completes from now on, finds its token stale and closes its connection.
+        self._listening = None
         if self._server is not None:
+            # Stops listening; the connections already accepted are closed below.
             self._server.close()
             self._server = None
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
-        for task in list(self._tasks):
+        # The handlers too: one waiting for its upstream connection stops waiting.
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _accept(
-        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+        self,
+        listening: object,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
     ) -> None:
-        try:
-            upstream_reader, upstream_writer = await self._connect_upstream()
-        except OSError:
+        if listening is not self._listening:
+            # Accepted before a cut that came since (the loop starts a connection's handler
+            # a few turns after accepting it): it is never served.
             client_writer.transport.abort()
             return
-        self._writers |= {client_writer, upstream_writer}
-        pumps = [
-            asyncio.create_task(self._pump(client_reader, upstream_writer)),
-            asyncio.create_task(self._pump(upstream_reader, client_writer)),
-        ]
-        self._tasks.update(pumps)
+        handler = asyncio.current_task()
+        assert handler is not None
+        # At once, before the first await: a cut from here on closes this connection.
+        self._tasks.add(handler)
+        self._writers.add(client_writer)
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                upstream_reader, upstream_writer = await self._connect_upstream()
+            except OSError:
+                return
+            if listening is not self._listening:
+                return  # cut while the upstream connection was being made
+            self._writers.add(upstream_writer)
+            pumps = [
+                asyncio.create_task(self._pump(client_reader, upstream_writer)),
+                asyncio.create_task(self._pump(upstream_reader, client_writer)),
+            ]
+            self._tasks.update(pumps)
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                self._tasks.difference_update(pumps)
         finally:
-            for pump in pumps:
-                pump.cancel()
             for writer in (client_writer, upstream_writer):
-                writer.transport.abort()
-                self._writers.discard(writer)
-            self._tasks.difference_update(pumps)
+                if writer is not None:
+                    writer.transport.abort()
+                    self._writers.discard(writer)
+            self._tasks.discard(handler)
 
     async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the target, for one accepted client."""

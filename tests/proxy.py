@@ -121,6 +121,12 @@ class TcpProxy:
                 for pump in pumps:
                     pump.cancel()
                 self._tasks.difference_update(pumps)
+        except asyncio.CancelledError:
+            # By cut() (its token is stale then): the connection is closed below and the
+            # handler ends without an error (asyncio's stream server would log a cancelled
+            # handler as one). Any other cancellation goes on.
+            if listening is self._listening:
+                raise
         finally:
             for writer in (client_writer, upstream_writer):
                 if writer is not None:

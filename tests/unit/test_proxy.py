@@ -23,6 +23,22 @@ pytestmark = pytest.mark.timeout(30)
 WITHIN = 5.0
 
 
+@pytest.fixture(autouse=True)
+async def no_loop_errors() -> AsyncIterator[None]:
+    """Whatever the event loop reports as an error (a handler's failure, say) fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield
+        for _ in range(3):  # callbacks of tasks that ended with the test
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert errors == []
+
+
 @dataclass
 class Echo:
     """A local server that sends back what it receives, and counts what reached it."""

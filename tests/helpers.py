@@ -14,6 +14,11 @@ from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.conn import create_conn
+from aiokafka.errors import for_code
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.memory_records import MemoryRecords
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -117,6 +122,79 @@ async def read_topic(
                 settle_until = time.monotonic() + settle
     finally:
         await consumer.stop()
+    return records
+
+
+@dataclass(frozen=True)
+class LoggedRecord:
+    """A record as a broker's log holds it."""
+
+    partition: int
+    offset: int
+    #: Milliseconds since the epoch (the producer's create time, unless the topic says
+    #: log-append time).
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
+async def broker_log(port: int, topic: str, *, host: str = "127.0.0.1") -> list[LoggedRecord]:
+    """Every record of ``topic`` on the broker at ``host:port`` itself, partition by partition.
+
+    Asks that very address, on a connection of its own, for the topic's partitions and
+    fetches each from offset 0: the address the broker advertises (a proxy's, say) plays no
+    part. Reads until a fetch returns nothing more rather than trusting list-offsets (whose
+    answers some brokers, Tansu among them, get wrong). For one broker holding every
+    partition, as the tests' do.
+    """
+    connection = await create_conn(host, port, client_id="orderflow-tests")
+    records: list[LoggedRecord] = []
+    try:
+        metadata = await connection.send(MetadataRequest([topic], allow_auto_topic_creation=False))
+        partitions: list[int] = []
+        for answer in metadata.to_object()["topics"]:
+            if answer["error_code"]:
+                raise for_code(answer["error_code"])(f"the partitions of {topic}")
+            partitions += sorted(entry["partition"] for entry in answer["partitions"])
+        for partition in partitions:
+            offset = 0
+            while True:
+                request = FetchRequest(
+                    max_wait_time=100,
+                    min_bytes=1,
+                    max_bytes=1024 * 1024,
+                    isolation_level=0,
+                    topics=[(topic, [(partition, offset, 1024 * 1024)])],
+                )
+                response = await connection.send(request)
+                data = b""
+                for _, answers in response.topics:  # no topic at all: nothing to return
+                    for answer in answers:
+                        error_code, data = answer[1], answer[-1] or b""
+                        if error_code:
+                            error = for_code(error_code)
+                            raise error(f"fetching {topic}[{partition}] from offset {offset}")
+                fetched = 0
+                batches = MemoryRecords(data)
+                while (batch := batches.next_batch()) is not None:
+                    for record in batch:
+                        if record.offset < offset:
+                            continue  # a batch begins before the offset asked for
+                        records.append(
+                            LoggedRecord(
+                                partition,
+                                record.offset,
+                                record.timestamp,
+                                record.key,
+                                record.value,
+                            )
+                        )
+                        offset = record.offset + 1
+                        fetched += 1
+                if not fetched:
+                    break
+    finally:
+        connection.close()
     return records
 
 

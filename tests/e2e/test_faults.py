@@ -40,6 +40,7 @@ from tests.e2e.test_chaos import (
 from tests.helpers import (
     Expected,
     TestEnv,
+    broker_log,
     decode_json,
     eventually,
     expected_outcome,
@@ -311,6 +312,11 @@ async def test_a_broker_outage_of_a_minute_is_ridden_out(
         async with env.sessions() as session, session.begin():
             await add_messages(session, side)
         await hold(OUTAGE_SECONDS, consumer, relay)
+        # The broker was out of reach indeed: its own log, read on its own port (the proxy's
+        # is cut), holds nothing written after the cut. (A connection that survived the cut
+        # would let the relay publish through it, and mark the rows: no relay bug, no outage.)
+        logged = await broker_log(proxy.target_port, side_topic)
+        assert logged == [], f"{len(logged)} side records reached the broker during the outage"
         # The relay could publish nothing: what was written meanwhile waits.
         rows, waiting = await unpublished(env)
         assert waiting >= len(side), f"{waiting} of {rows} outbox rows wait after the outage"

@@ -22,7 +22,17 @@ analysed; then, one after the other, each to its own fresh topic:
                index; polling that all along would load the database more than the relays
                do). The table is truncated and reloaded before each k.
 
-After each drain every row must be published and the topic must hold at least N records.
+After each stage its topic is checked record by record (``benchmarks/ledger.py``). Every
+producer, the relays' included, records each record batch it hands over and the base
+offset it was acked at; per partition the acked ranges must be pairwise disjoint and
+cover the log from 0 to its end; the topic is read back from offset 0 (partitions
+assigned, no group, no offset reset) and every offset read is compared with the acks:
+acked offsets missing, offsets read twice, a record other than the one acked there,
+records no ack covers. Then against the outbox: after a relay stage every row is
+published, no row is marked without an ack carrying its ``event_id``, and every row's
+``event_id`` is on the topic. Anything wrong is printed as ``PROBLEM`` with the acked
+batches concerned (producer, partition, offsets, when handed over and acked) and what
+the broker returns when read from their base offsets; the run ends with exit status 1.
 The remaining-count samples also give the drain rate of the first and of the last 10% of
 the rows (each measured from a sample to a sample, so start-up is not counted): the last
 10% must not be slower, however many published rows the table already holds.
@@ -68,9 +78,16 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from benchmarks.ledger import (
+    SHOWN,
+    Audit,
+    Ledger,
+    RecordingProducer,
+    audit,
+    event_id_of,
+)
 from benchmarks.support import Services, admin, cpu_by_role, create_database, provide_services, say
 from orderflow.samples import CUSTOMERS, PRODUCTS
 from orderflow.services import relay_config
@@ -86,8 +103,6 @@ LOAD_CHUNK = 20000
 #: Outbox rows per order id: placed, paid, shipped, delivered.
 ROWS_PER_ORDER = 4
 POLL_SECONDS = 0.020
-#: Reading a topic back stops once nothing arrived for this long.
-READ_IDLE_SECONDS = 3.0
 #: A drain that publishes nothing for this long has failed.
 STALL_SECONDS = 30.0
 DRAIN_CHECK_ROWS = 1_000_000
@@ -256,37 +271,25 @@ async def read_messages(url: str) -> list[Message]:
     ]
 
 
-async def topic_records(services: Services, topic: str, expected: int) -> tuple[int, int]:
-    """(records, distinct ``event_id`` headers) in ``topic``, read from its beginning.
-
-    Read rather than taken from the end offsets: Tansu's "latest" offset is not the high
-    watermark (it trails it by up to a batch per partition).
-    """
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=services.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        request_timeout_ms=15000,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    await reader.start()
-    records, event_ids = 0, set()
+async def outbox_event_ids(url: str) -> tuple[set[bytes], set[bytes]]:
+    """The ``event_id`` headers of the outbox's rows: (published, unpublished)."""
+    connection = await asyncpg.connect(url)
     try:
-        await reader.topics()  # fetches fresh metadata
-        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        idle_since = time.monotonic()
-        while len(event_ids) < expected and time.monotonic() - idle_since < READ_IDLE_SECONDS:
-            batches = await reader.getmany(timeout_ms=200, max_records=10000)
-            for batch in batches.values():
-                idle_since = time.monotonic()
-                records += len(batch)
-                for record in batch:
-                    event_ids.update(v for k, v in record.headers if k == "event_id")
+        rows = await connection.fetch(
+            "SELECT headers::text AS headers, published_at IS NOT NULL AS published "
+            "FROM outbox_messages"
+        )
     finally:
-        await reader.stop()
-    return records, len(event_ids)
+        await connection.close()
+    published: set[bytes] = set()
+    unpublished: set[bytes] = set()
+    for row in rows:
+        event_id = event_id_of(
+            (str(name), str(value).encode()) for name, value in orjson.loads(row["headers"])
+        )
+        if event_id is not None:
+            (published if row["published"] else unpublished).add(event_id)
+    return published, unpublished
 
 
 async def outbox_state(url: str) -> tuple[int, int]:
@@ -315,6 +318,8 @@ class Measurement:
     samples: list[tuple[float, int]] = field(default_factory=list)
     #: CPU seconds each role used while it ran (see ``benchmarks.support.cpu_by_role``).
     cpu: Counter[str] = field(default_factory=Counter)
+    #: Every record batch the run handed to a producer, and its ack (see ``ledger``).
+    ledger: Ledger = field(default_factory=Ledger)
 
     @property
     def eps(self) -> float:
@@ -355,6 +360,7 @@ def drain_rates(measurement: Measurement) -> Drain:
 async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
     messages = await read_messages(url)
     producer = create_producer(kafka_settings(services))
+    ledger = Ledger()
     await producer.start()
     try:
         cpu_before = cpu_by_role()
@@ -363,12 +369,17 @@ async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
             await producer.send(topic, value=value, key=key, headers=headers)
             for key, value, headers in messages
         ]
-        await asyncio.gather(*deliveries)
+        acks = await asyncio.gather(*deliveries)
         seconds = time.perf_counter() - began
         cpu = cpu_by_role() - cpu_before
     finally:
         await producer.stop()
-    return Measurement("baseline", len(messages), seconds, note="aiokafka, all in flight", cpu=cpu)
+    # Recorded after the timing: each message is its own ack (one offset each).
+    for (_, _, headers), ack in zip(messages, acks, strict=True):
+        ledger.add_ack("baseline", topic, ack.partition, ack.offset, [event_id_of(headers)])
+    return Measurement(
+        "baseline", len(messages), seconds, note="aiokafka, all in flight", cpu=cpu, ledger=ledger
+    )
 
 
 async def run_relays(
@@ -377,6 +388,7 @@ async def run_relays(
     settings = kafka_settings(services, url)
     engines = [create_engine(settings, pool_size=1) for _ in range(relays)]
     producers = [create_producer(settings) for _ in range(relays)]
+    ledger = Ledger()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     watcher = await asyncpg.connect(url)
@@ -391,9 +403,14 @@ async def run_relays(
     try:
         for producer in producers:
             await producer.start()
+        # Each relay's producer records every record batch handed to it and its ack.
         instances = [
-            Relay(engine, producer, relay_config(settings))
-            for engine, producer in zip(engines, producers, strict=True)
+            Relay(
+                engine,
+                RecordingProducer(producer, ledger, f"relay {n + 1}"),
+                relay_config(settings),
+            )
+            for n, (engine, producer) in enumerate(zip(engines, producers, strict=True))
         ]
         if profiler is not None:
             profiler.start()
@@ -448,7 +465,9 @@ async def run_relays(
         await watcher.close()
         if profiler is not None and profiler.is_running:
             profiler.stop()
-    measurement = Measurement(f"relay K={relays}", rows, seconds, samples=samples, cpu=cpu)
+    measurement = Measurement(
+        f"relay K={relays}", rows, seconds, samples=samples, cpu=cpu, ledger=ledger
+    )
     measurement.note = "; ".join(
         f"{relay.stats.published} rows/{relay.stats.batches} batches/{shards} shards"
         for relay, shards in zip(instances, owned, strict=True)
@@ -476,21 +495,81 @@ class Run:
         return name
 
 
-async def check(services: Services, url: str, topic: str, rows: int, name: str) -> None:
-    unpublished, total = await outbox_state(url)
-    records, distinct = await topic_records(services, topic, rows)
-    ok = unpublished == 0 and total == rows and records >= rows and distinct == rows
-    say(
-        f"  {name}: outbox rows={total} unpublished={unpublished} topic records={records} "
-        f"(distinct event_ids={distinct}) expected>={rows} {'ok' if ok else 'MISMATCH'}"
+@dataclass
+class Checked:
+    """One stage's topic against its acks and the outbox; ``problems`` empty when sound."""
+
+    name: str
+    audit: Audit
+    problems: list[str]
+
+
+async def check(
+    services: Services,
+    url: str,
+    measurement: Measurement,
+    topic: str,
+    rows: int,
+    partitions: int,
+    *,
+    marks: bool,
+) -> Checked:
+    """Check a stage's topic record by record (``benchmarks.ledger.audit``: acked ranges
+    disjoint and covering each partition, the log read back offset by offset against
+    them) and against the outbox: every row's ``event_id`` on the topic, and (``marks``:
+    the relays' stages) every row published, none of them without an ack."""
+    name = measurement.name
+    found = await audit(
+        name, services.bootstrap_servers, measurement.ledger, topic, range(partitions)
     )
-    if not ok and distinct < rows:
-        # A reader that stopped early, or records really missing? Read once more, slowly.
-        await asyncio.sleep(READ_IDLE_SECONDS)
-        again, distinct_again = await topic_records(services, topic, rows)
-        say(f"  {name}: read again: {again} records, {distinct_again} distinct event_ids")
-    if not ok:
-        raise RuntimeError(f"{name}: {unpublished} rows unpublished, {records} records in {topic}")
+    published, unpublished = await outbox_event_ids(url)
+    expected = published | unpublished
+    in_log = found.log.event_ids()
+    acked = {event_id for produce in found.acked for event_id in produce.event_ids}
+    problems = list(found.findings.problems)
+    if len(expected) != rows:
+        problems.append(f"the outbox holds {len(expected)} distinct event_ids, not {rows}")
+    if marks and unpublished:
+        problems.append(f"{len(unpublished)} outbox rows were left unpublished")
+    never_acked = published - acked if marks else set()
+    if never_acked:
+        problems.append(
+            f"ORDERFLOW: {len(never_acked)} rows were marked published but no ack carried "
+            f"their event_id (e.g. {_ids(never_acked)})"
+        )
+    absent = expected - in_log
+    if absent:
+        lost = absent & acked
+        problems.append(
+            f"{len(absent)} of the outbox's {len(expected)} event_ids are not on the topic: "
+            f"{len(lost)} of them were acked (see the offsets above: lost by the broker or "
+            f"skipped by the reader), {len(absent - acked)} never were"
+        )
+    say(
+        f"  {name}: outbox rows={len(expected)} unpublished={len(unpublished)} topic "
+        f"records={found.log.count} (distinct event_ids={len(in_log & expected)}) "
+        f"expected {rows} {'ok' if not problems else 'MISMATCH'}"
+    )
+    say(found.summary())
+    checked = Checked(name, found, problems)
+    if problems or found.findings.notes:
+        say(details(checked))
+    return checked
+
+
+def details(checked: Checked) -> str:
+    lines = [f"  {checked.name} on {checked.audit.topic}:"]
+    lines += [f"    PROBLEM {problem}" for problem in checked.problems]
+    lines += [f"    note: {note}" for note in checked.audit.findings.notes]
+    lines += [f"    {line}" for line in checked.audit.reread]
+    return "\n".join(lines)
+
+
+def _ids(event_ids: set[bytes]) -> str:
+    shown = sorted(event_ids)[:SHOWN]
+    return ", ".join(e.decode(errors="replace") for e in shown) + (
+        ", ..." if len(event_ids) > SHOWN else ""
+    )
 
 
 async def delete_topic(services: Services, topic: str) -> None:
@@ -505,7 +584,18 @@ async def delete_topic(services: Services, topic: str) -> None:
         await client.close()
 
 
-async def benchmark(services: Services, args: argparse.Namespace) -> tuple[list[Measurement], int]:
+@dataclass
+class Outcome:
+    results: list[Measurement]
+    payload_bytes: int
+    checked: list[Checked] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Checked]:
+        return [c for c in self.checked if c.problems]
+
+
+async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
     run = Run(services, uuid.uuid4().hex[:10])
     try:
         return await _benchmark(run, args)
@@ -513,48 +603,45 @@ async def benchmark(services: Services, args: argparse.Namespace) -> tuple[list[
         await cleanup(run)
 
 
-async def _benchmark(run: Run, args: argparse.Namespace) -> tuple[list[Measurement], int]:
+async def _benchmark(run: Run, args: argparse.Namespace) -> Outcome:
     services, rows = run.services, args.rows
     say(f"services: {services.origin}")
     name = f"orderflow_bench_relay_{run.suffix}"
     run.databases.append(name)
     url = await create_database(services, name)
-    results: list[Measurement] = []
-    payload_bytes = 0
+    outcome = Outcome([], 0)
     loads = len(args.relays) + (0 if args.drain_check else 1)
     # Generating the rows takes a few seconds per 200000: do it once when they are reused.
     cached = list(outbox_rows(rows)) if loads > 1 else None
 
+    async def finish(measurement: Measurement, topic: str, *, marks: bool) -> None:
+        outcome.checked.append(
+            await check(services, url, measurement, topic, rows, args.partitions, marks=marks)
+        )
+        await delete_topic(services, topic)
+
     if not args.drain_check:
         topic = await run.topic("baseline", args.partitions)
-        seconds, payload_bytes = await load_outbox(url, topic, rows, cached)
+        seconds, outcome.payload_bytes = await load_outbox(url, topic, rows, cached)
         say(
-            f"loaded {rows} outbox rows ({payload_bytes / rows:.0f} payload bytes on average) "
-            f"in {seconds:.1f} s"
+            f"loaded {rows} outbox rows ({outcome.payload_bytes / rows:.0f} payload bytes on "
+            f"average) in {seconds:.1f} s"
         )
         say("running baseline (raw aiokafka producer, every message in flight) ...")
         measurement = await run_baseline(services, url, topic)
-        results.append(measurement)
+        outcome.results.append(measurement)
         say(f"  {measurement.eps:.0f} events/s")
-        records, distinct = await topic_records(services, topic, rows)
-        ok = records >= rows and distinct == rows
-        say(
-            f"  baseline: topic records={records} (distinct event_ids={distinct}) "
-            f"expected>={rows} {'ok' if ok else 'MISMATCH'}"
-        )
-        if not ok:
-            raise RuntimeError(f"baseline: {records} records in {topic}")
-        await delete_topic(services, topic)
+        await finish(measurement, topic, marks=False)
 
     for relays in args.relays:
         topic = await run.topic(f"k{relays}", args.partitions)
-        seconds, payload_bytes = await load_outbox(url, topic, rows, cached)
+        seconds, outcome.payload_bytes = await load_outbox(url, topic, rows, cached)
         say(f"loaded {rows} outbox rows for K={relays} in {seconds:.1f} s")
         say(f"running {relays} relay(s) (in-process, own engine and producer each) ...")
         measurement = await run_relays(
             services, url, relays, rows, profile=args.profile and relays == args.relays[0]
         )
-        results.append(measurement)
+        outcome.results.append(measurement)
         drain = drain_rates(measurement)
         say(
             f"  {measurement.eps:.0f} events/s; drain: first 10% {drain.first_eps:.0f} rows/s, "
@@ -562,9 +649,8 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> tuple[list[Measureme
         )
         if args.drain_check:
             say(deciles(measurement))
-        await check(services, url, topic, rows, measurement.name)
-        await delete_topic(services, topic)
-    return results, payload_bytes
+        await finish(measurement, topic, marks=True)
+    return outcome
 
 
 def deciles(measurement: Measurement) -> str:
@@ -599,6 +685,23 @@ async def cleanup(run: Run) -> None:
             await asyncio.wait_for(client.delete_topics(leftover), 10)
     with contextlib.suppress(Exception):
         await client.close()
+
+
+def checks(outcome: Outcome) -> str:
+    """Every stage's checks in one place: what was acked and read back, and what failed."""
+    out = io.StringIO()
+    acked = sum(c.audit.acked_records for c in outcome.checked)
+    read = sum(c.audit.log.count for c in outcome.checked)
+    batches = sum(len(c.audit.acked) for c in outcome.checked)
+    failed = outcome.failed
+    out.write(
+        f"\nchecks: {len(outcome.checked)} stages; {batches} acked batches, {acked} acked "
+        f"records, {read} records read back; "
+        f"{'all sound' if not failed else f'{len(failed)} FAILED'}\n"
+    )
+    for checked in failed:
+        out.write(details(checked) + "\n")
+    return out.getvalue().rstrip()
 
 
 def report(results: list[Measurement], args: argparse.Namespace) -> str:
@@ -699,10 +802,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()
     with provide_services() as services:
-        results, _ = asyncio.run(benchmark(services, args))
+        outcome = asyncio.run(benchmark(services, args))
     say(f"(whole run: {time.perf_counter() - began:.1f} s)")
-    say(report(results, args))
-    return 0
+    say(checks(outcome))
+    say(report(outcome.results, args))
+    return 1 if outcome.failed else 0
 
 
 if __name__ == "__main__":

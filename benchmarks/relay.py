@@ -1,6 +1,7 @@
 """Relay throughput: orderflow's outbox relay against the raw aiokafka producer.
 
     python benchmarks/relay.py [--rows N] [--relays 1,2,3] [--partitions P] [--profile]
+                               [--loops L]
     python benchmarks/relay.py --drain-check [--rows N]      # slow: 1,000,000 rows by default
 
 Uses ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` when set, otherwise starts an embedded
@@ -43,6 +44,9 @@ rows. It is slow (minutes: loading alone writes about 1 GB).
 
 The default run takes about 1.5 minutes on a 2-core machine. ``--profile`` runs the first
 relay count under pyinstrument (text to stderr; it slows the relay down).
+
+``--loops L`` runs each relay count L times, each on a fresh topic with the table
+reloaded, and checks each.
 
 The last line of output is machine-readable (``RESULT ...``).
 """
@@ -610,7 +614,8 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> Outcome:
     run.databases.append(name)
     url = await create_database(services, name)
     outcome = Outcome([], 0)
-    loads = len(args.relays) + (0 if args.drain_check else 1)
+    stages = args.loops * len(args.relays)
+    loads = stages + (0 if args.drain_check else 1)
     # Generating the rows takes a few seconds per 200000: do it once when they are reused.
     cached = list(outbox_rows(rows)) if loads > 1 else None
 
@@ -633,23 +638,29 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> Outcome:
         say(f"  {measurement.eps:.0f} events/s")
         await finish(measurement, topic, marks=False)
 
-    for relays in args.relays:
-        topic = await run.topic(f"k{relays}", args.partitions)
-        seconds, outcome.payload_bytes = await load_outbox(url, topic, rows, cached)
-        say(f"loaded {rows} outbox rows for K={relays} in {seconds:.1f} s")
-        say(f"running {relays} relay(s) (in-process, own engine and producer each) ...")
-        measurement = await run_relays(
-            services, url, relays, rows, profile=args.profile and relays == args.relays[0]
-        )
-        outcome.results.append(measurement)
-        drain = drain_rates(measurement)
-        say(
-            f"  {measurement.eps:.0f} events/s; drain: first 10% {drain.first_eps:.0f} rows/s, "
-            f"last 10% {drain.last_eps:.0f} rows/s (last/first {drain.ratio:.2f})"
-        )
-        if args.drain_check:
-            say(deciles(measurement))
-        await finish(measurement, topic, marks=True)
+    for loop in range(args.loops):
+        lap = f" (loop {loop + 1} of {args.loops})" if args.loops > 1 else ""
+        for relays in args.relays:
+            topic = await run.topic(f"k{relays}.{loop}", args.partitions)
+            seconds, outcome.payload_bytes = await load_outbox(url, topic, rows, cached)
+            say(f"loaded {rows} outbox rows for K={relays} in {seconds:.1f} s")
+            say(f"running {relays} relay(s) (in-process, own engine and producer each){lap} ...")
+            measurement = await run_relays(
+                services,
+                url,
+                relays,
+                rows,
+                profile=args.profile and relays == args.relays[0] and loop == 0,
+            )
+            outcome.results.append(measurement)
+            drain = drain_rates(measurement)
+            say(
+                f"  {measurement.eps:.0f} events/s; drain: first 10% {drain.first_eps:.0f} "
+                f"rows/s, last 10% {drain.last_eps:.0f} rows/s (last/first {drain.ratio:.2f})"
+            )
+            if args.drain_check:
+                say(deciles(measurement))
+            await finish(measurement, topic, marks=True)
     return outcome
 
 
@@ -783,6 +794,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="profile the first relay run with pyinstrument (if installed); text to stderr",
     )
+    parser.add_argument(
+        "--loops",
+        type=int,
+        default=1,
+        help="run each relay count this many times, each on a fresh "
+        "topic and a reloaded table, and check each (default 1)",
+    )
     args = parser.parse_args(argv)
     if args.rows is None:
         args.rows = DRAIN_CHECK_ROWS if args.drain_check else 200000
@@ -794,6 +812,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--relays must be comma-separated whole numbers, e.g. 1,2,3")
     if args.rows < 10 or args.partitions < 1 or min(args.relays) < 1:
         parser.error("--rows must be at least 10; --partitions and --relays at least 1")
+    if args.loops < 1:
+        parser.error("--loops must be at least 1")
     return args
 
 

@@ -1,7 +1,7 @@
 """Relay throughput: orderflow's outbox relay against the raw aiokafka producer.
 
     python benchmarks/relay.py [--rows N] [--relays 1,2,3] [--partitions P] [--profile]
-                               [--loops L]
+                               [--loops L] [--raw-producers K]
     python benchmarks/relay.py --drain-check [--rows N]      # slow: 1,000,000 rows by default
 
 Uses ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS`` when set, otherwise starts an embedded
@@ -46,7 +46,11 @@ The default run takes about 1.5 minutes on a 2-core machine. ``--profile`` runs 
 relay count under pyinstrument (text to stderr; it slows the relay down).
 
 ``--loops L`` runs each relay count L times, each on a fresh topic with the table
-reloaded, and checks each.
+reloaded, and checks each. ``--raw-producers K`` adds a stage per loop with K raw
+aiokafka producers sending at once to the same partitions (no relay; the messages are
+read from the table beforehand), record batches built as the relay builds them
+(``create_batch``, ``send_batch``, 500 messages per chunk, one chunk in flight each), with
+the same checks: whether the broker keeps concurrent batches apart without orderflow.
 
 The last line of output is machine-readable (``RESULT ...``).
 """
@@ -83,6 +87,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 
 from benchmarks.ledger import (
     SHOWN,
@@ -386,6 +391,82 @@ async def run_baseline(services: Services, url: str, topic: str) -> Measurement:
     )
 
 
+async def send_chunk(
+    producer: RecordingProducer,
+    topic: str,
+    messages: list[Message],
+    every: list[int],
+    partitioner: DefaultPartitioner,
+) -> list[asyncio.Future[Any]]:
+    """One chunk as the relay hands over a batch (``outbox.relay.Relay._hand_over``): one
+    record batch per partition (murmur2 of the key), a new one when it is full."""
+    builders: dict[int, Any] = {}
+    deliveries: list[asyncio.Future[Any]] = []
+    for key, value, headers in messages:
+        partition = partitioner(key, every, every)
+        builder = builders.get(partition)
+        if builder is None:
+            builder = builders[partition] = producer.create_batch()
+        if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            deliveries.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = builders[partition] = producer.create_batch()
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                raise RuntimeError("a message does not fit an empty record batch")
+    for partition, builder in builders.items():
+        deliveries.append(await producer.send_batch(builder, topic, partition=partition))
+    return deliveries
+
+
+async def run_raw_producers(
+    services: Services, url: str, topic: str, producers: int, batch_rows: int
+) -> Measurement:
+    """``producers`` raw aiokafka producers, no relay and no database while sending, on
+    the same partitions at once: each sends its share of the keys (by shard, as relays
+    split them) in chunks of ``batch_rows`` messages built as the relay builds them, the
+    next chunk once every ack of the last one is in (as a relay does)."""
+    messages = await read_messages(url)
+    shares: list[list[Message]] = [[] for _ in range(producers)]
+    for message in messages:
+        key = message[0]
+        shares[shard_of(key) % producers if key is not None else 0].append(message)
+    settings = kafka_settings(services)
+    ledger = Ledger()
+    clients = [create_producer(settings) for _ in range(producers)]
+
+    async def send_share(producer: RecordingProducer, share: list[Message]) -> None:
+        partitioner = DefaultPartitioner()
+        every = sorted(await producer.partitions_for(topic))
+        for start in range(0, len(share), batch_rows):
+            chunk = share[start : start + batch_rows]
+            await asyncio.gather(*await send_chunk(producer, topic, chunk, every, partitioner))
+
+    try:
+        for client in clients:
+            await client.start()
+        recording = [
+            RecordingProducer(client, ledger, f"raw producer {n + 1}")
+            for n, client in enumerate(clients)
+        ]
+        cpu_before = cpu_by_role()
+        began = time.perf_counter()
+        pairs = zip(recording, shares, strict=True)
+        await asyncio.gather(*(send_share(producer, share) for producer, share in pairs))
+        seconds = time.perf_counter() - began
+        cpu = cpu_by_role() - cpu_before
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.stop()
+    return Measurement(
+        f"raw K={producers}",
+        len(messages),
+        seconds,
+        note=f"send_batch, {batch_rows} per chunk, one chunk in flight per producer",
+        cpu=cpu,
+        ledger=ledger,
+    )
+
+
 async def run_relays(
     services: Services, url: str, relays: int, rows: int, *, profile: bool = False
 ) -> Measurement:
@@ -614,7 +695,7 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> Outcome:
     run.databases.append(name)
     url = await create_database(services, name)
     outcome = Outcome([], 0)
-    stages = args.loops * len(args.relays)
+    stages = args.loops * (len(args.relays) + (1 if args.raw_producers else 0))
     loads = stages + (0 if args.drain_check else 1)
     # Generating the rows takes a few seconds per 200000: do it once when they are reused.
     cached = list(outbox_rows(rows)) if loads > 1 else None
@@ -661,6 +742,17 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> Outcome:
             if args.drain_check:
                 say(deciles(measurement))
             await finish(measurement, topic, marks=True)
+        if args.raw_producers:
+            k = args.raw_producers
+            topic = await run.topic(f"raw{k}.{loop}", args.partitions)
+            await load_outbox(url, topic, rows, cached)
+            say(f"running {k} raw producers (send_batch, same partitions at once){lap} ...")
+            measurement = await run_raw_producers(
+                services, url, topic, k, kafka_settings(services).relay_batch_size
+            )
+            outcome.results.append(measurement)
+            say(f"  {measurement.eps:.0f} events/s")
+            await finish(measurement, topic, marks=False)
     return outcome
 
 
@@ -798,8 +890,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loops",
         type=int,
         default=1,
-        help="run each relay count this many times, each on a fresh "
+        help="run each relay count (and --raw-producers) this many times, each on a fresh "
         "topic and a reloaded table, and check each (default 1)",
+    )
+    parser.add_argument(
+        "--raw-producers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run K raw aiokafka producers at once (no relay, no database) on the same "
+        "partitions, batches built as the relay builds them, with the same checks",
     )
     args = parser.parse_args(argv)
     if args.rows is None:
@@ -812,8 +912,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--relays must be comma-separated whole numbers, e.g. 1,2,3")
     if args.rows < 10 or args.partitions < 1 or min(args.relays) < 1:
         parser.error("--rows must be at least 10; --partitions and --relays at least 1")
-    if args.loops < 1:
-        parser.error("--loops must be at least 1")
+    if args.loops < 1 or args.raw_producers < 0:
+        parser.error("--loops must be at least 1, --raw-producers at least 0")
     return args
 
 

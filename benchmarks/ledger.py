@@ -21,6 +21,10 @@ This module keeps the evidence that tells them apart:
 * :func:`reread_ranges`: for each acked range the comparison found wrong, what the broker
   returns when read from that range's own base offset (a second opinion that does not
   depend on the first read's position).
+* :func:`check_earliest`: the earliest offset the broker lists for each partition
+  against where the log read from 0 starts. Tansu can list a later batch's base offset
+  (docs/broker-notes.md), and a reader starting "from the beginning" then skips records
+  that are there; reported apart from the problems, since nothing is lost.
 
 Tansu's list-offsets answers are wrong, so the log's end is taken from the acks, never
 from the broker's end offsets.
@@ -249,15 +253,19 @@ def spell(runs: Sequence[tuple[int, int]]) -> str:
 
 @dataclass
 class Findings:
-    """What one check found: problems (data lost or wrong) and notes (allowed, shown)."""
+    """What one check found: problems (data lost or wrong), broker answers that would
+    mislead a reader (the records are there, see ``check_earliest``), and notes (allowed,
+    shown)."""
 
     problems: list[str] = field(default_factory=list)
+    broker: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Acked produces whose records did not read back as acked (for ``reread_ranges``).
     suspects: list[Produce] = field(default_factory=list)
 
     def extend(self, other: Findings) -> None:
         self.problems += other.problems
+        self.broker += other.broker
         self.notes += other.notes
         self.suspects += other.suspects
 
@@ -452,6 +460,54 @@ def compare(ledger: Ledger, log: Log) -> Findings:
     return findings
 
 
+async def listed_earliest(
+    bootstrap_servers: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """The earliest offset of each partition as the broker lists it (ListOffsets with
+    timestamp -2: what ``seek_to_beginning`` and ``auto_offset_reset="earliest"`` use)."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=None, request_timeout_ms=15000
+    )
+    await reader.start()
+    try:
+        listed = await reader.beginning_offsets([TopicPartition(topic, p) for p in partitions])
+    finally:
+        await reader.stop()
+    return {tp.partition: int(offset) for tp, offset in listed.items()}
+
+
+def check_earliest(ledger: Ledger, log: Log, listed: dict[int, int]) -> Findings:
+    """A partition whose log, read from offset 0, starts below the earliest offset the
+    broker lists: a reader that starts "from the beginning" would skip those records.
+
+    Tansu (memory storage) lists as earliest the base offset of the batch *written*
+    first, not of the lowest one; two producers writing one partition at once can write
+    the higher batch first (see docs/broker-notes.md).
+    """
+    findings = Findings()
+    acked = ledger.acked(log.topic)
+    for partition, earliest in sorted(listed.items()):
+        first = min((offset for offset, _ in log.records.get(partition, [])), default=None)
+        if first is None or earliest <= first:
+            continue
+        below = sum(1 for offset, _ in log.records[partition] if offset < earliest)
+        where = f"{log.topic}[{partition}]"
+        lines = [
+            f"{where}: the broker lists {earliest} as the earliest offset, but the log read "
+            f"from offset 0 starts at {first}: a reader starting from the beginning skips "
+            f"{below} records"
+        ]
+        for produce in acked:
+            if (
+                produce.partition == partition
+                and produce.base is not None
+                and (produce.base == first or produce.base <= earliest < produce.end)
+            ):
+                lines.append(f"      {produce.describe()}")
+        findings.broker.append("\n".join(lines))
+    return findings
+
+
 def check_duplicates(log: Log) -> Findings:
     """Records that appear at more than one offset (allowed: at least once), as a note."""
     findings = Findings()
@@ -533,6 +589,12 @@ class Audit:
         return not self.findings.problems
 
     @property
+    def verdict(self) -> str:
+        if not self.ok:
+            return "PROBLEM"
+        return "ok, but BROKER listed a wrong earliest offset" if self.findings.broker else "ok"
+
+    @property
     def acked_records(self) -> int:
         return sum(p.count for p in self.acked)
 
@@ -543,7 +605,7 @@ class Audit:
             f"records, {len(self.unacked)} batches not acked; log read back: {self.log.count} "
             f"records in {self.log.seconds:.1f} s; ends by the acks "
             f"{dict(sorted(ends.items()))}, reader stopped at "
-            f"{dict(sorted(self.log.positions.items()))}; {'ok' if self.ok else 'PROBLEM'}"
+            f"{dict(sorted(self.log.positions.items()))}; {self.verdict}"
         )
 
 
@@ -560,6 +622,9 @@ async def audit(
     findings = check_acks(ledger, topic, partitions)
     log = await read_log(bootstrap_servers, topic, partitions, partition_ends(acked))
     findings.extend(compare(ledger, log))
+    findings.extend(
+        check_earliest(ledger, log, await listed_earliest(bootstrap_servers, topic, partitions))
+    )
     findings.extend(check_duplicates(log))
     unacked = ledger.unacked(topic)
     for produce in unacked[:SHOWN]:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import for_code
 from aiokafka.protocol.fetch import FetchRequest
@@ -92,21 +92,31 @@ async def produce(
 async def read_topic(
     settings: Settings, topic: str, count: int, *, within: float = 60.0, settle: float = 0.5
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """All records of ``topic`` from the beginning, once at least ``count`` arrived.
+    """All records of ``topic`` from offset 0, once at least ``count`` arrived.
 
     After ``count`` records it keeps reading for ``settle`` seconds, so that extra records
-    (duplicates) show up in the result instead of going unnoticed.
+    (duplicates) show up in the result instead of going unnoticed. It reads each partition
+    from offset 0 rather than from the offset the broker lists as its earliest: Tansu can
+    list a later record batch's (see docs/broker-notes.md).
     """
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=settings.require_kafka(),
-        auto_offset_reset="earliest",
+        auto_offset_reset="none",
         enable_auto_commit=False,
         group_id=None,
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
     try:
+        await consumer.topics()  # metadata, to know the partitions
+        partitions = [
+            TopicPartition(topic, partition)
+            for partition in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        assert partitions, f"topic {topic} has no partitions"
+        consumer.assign(partitions)
+        for partition in partitions:
+            consumer.seek(partition, 0)
         deadline = time.monotonic() + within
         settle_until: float | None = None
         while True:

@@ -110,14 +110,21 @@ async def run_relay(
                 metrics.watch(relay)
                 log.info("relaying the outbox")
                 await _announce(ready, relay)
+                replacements = Backoff(maximum=10.0)
                 while not stop.is_set():
+                    published = relay.stats.published
                     try:
                         await _until_stopped(relay.run(stop), stop)
                     except ProducerBroken as error:
                         # run() has released the relay's shards: others publish meanwhile.
                         log.warning("%s; starting a new producer", error)
                         await _stop_client(relay.producer, "producer")
-                        relay.producer = await _new_producer(settings, stop)
+                        if relay.stats.published > published:
+                            replacements.reset()  # it worked for a while: not a loop
+                        replacement = await _new_producer(settings, stop, replacements)
+                        if replacement is None:
+                            return  # stopped meanwhile
+                        relay.producer = replacement
                     except PublishForbidden as error:
                         raise ServiceError(
                             f"{error}: allow this client to write to {settings.outbound_topic}"
@@ -129,20 +136,34 @@ async def run_relay(
         await engine.dispose()
 
 
-async def _new_producer(settings: Settings, stop: asyncio.Event) -> AIOKafkaProducer:
-    """A started producer, retried with backoff while the broker is unreachable (a relay
-    that lost its producer mid-run waits for the broker as it would for a batch)."""
-    backoff = Backoff(maximum=10.0)
+async def _new_producer(
+    settings: Settings, stop: asyncio.Event, backoff: Backoff
+) -> AIOKafkaProducer | None:
+    """A started producer, after a backoff (one that breaks again at once is not replaced
+    in a tight loop) and retried while the broker is unreachable; None once ``stop`` is
+    set (a start that hangs, waiting for a producer id say, does not hold up the stop)."""
     while True:
-        producer = create_producer(settings)
-        try:
-            await start_kafka_client(producer, settings)
-            return producer
-        except StartupError as error:
-            if stop.is_set():
-                raise
-            log.warning("%s; retrying", error)
         await backoff.sleep(stop)
+        if stop.is_set():
+            return None
+        producer = create_producer(settings)
+        starting = asyncio.ensure_future(start_kafka_client(producer, settings))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+            await _stop_client(producer, "producer")
+            return None
+        error = starting.exception()
+        if error is None:
+            return producer
+        if not isinstance(error, StartupError):
+            raise error
+        log.warning("%s; retrying", error)
 
 
 async def _announce(ready: Callable[[T], Awaitable[None] | None] | None, component: T) -> None:

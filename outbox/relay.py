@@ -17,9 +17,13 @@ earlier part failed. The database and the broker still work at the same time: wh
 batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
 
 Fenced: a batch is handed to the producer only right after the relay's session answered
-a round trip, so a relay whose session died (and whose shards another relay may now own)
-sends nothing more. The session's TCP keepalives are short, so that the server notices a
-relay whose host vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
+a round trip, so a relay whose session has died (and whose shards another relay may own
+from then on) starts no new batch. What the producer already held when the session died
+(a batch on its way, a record batch queued behind an older one of its partition) may
+still land after the new owner's copies: the new owner starts at the oldest unmarked
+message, so each key's first copies stay in order; only repeats can come late. The
+session's TCP keepalives are short, so that the server notices a relay whose host
+vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
@@ -31,9 +35,11 @@ batches), with the same bytes (and so the same ``event_id`` headers and payload 
 
 Failures: a failed batch is retried with backoff (so is a lost database session, after
 which the relay reconnects and claims shards anew). A producer that can never send again
-(fenced, out of sequence, closed) ends ``run`` with :class:`ProducerBroken`, and one the
-broker refuses to serve (authorization) with :class:`PublishForbidden`: either way the
-relay's session goes, and its shards with it, instead of holding them while it stalls.
+(fenced, out of sequence, its sender dead) ends ``run`` with :class:`ProducerBroken`, and
+one the broker refuses to serve (authorization) with :class:`PublishForbidden`: either
+way the relay's session goes, and its shards with it, instead of holding them while it
+stalls. A row the producer cannot place (its topic unknown to the broker) fails its
+batch like a refused one: retried, not a crash.
 
 Latency: an insert trigger sends ``NOTIFY`` once per committing transaction; the relay
 ``LISTEN``s and wakes at once. A slow poll covers a lost notification.
@@ -58,6 +64,7 @@ from aiokafka.errors import (
     ProducerFenced,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
+    UnknownProducerId,
 )
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -65,7 +72,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outbox.enqueue import SHARD_COUNT
-from outbox.faults import Backoff, is_transient
+from outbox.faults import Backoff, is_data_error, is_transient
 from outbox.models import NOTIFY_CHANNEL
 from outbox.observe import NO_RELAY_OBSERVER, RelayObserver
 
@@ -81,22 +88,27 @@ ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
 MEMBER_LOCK_NAMESPACE: Final = 0x6F666D62
 #: Server settings of the relay's session. A relay whose host vanishes sends no FIN: its
 #: session, and with it its shard locks, lives on until the server gives up on the
-#: connection. With these, an idle session is probed after 5 s and dropped after 5 missed
-#: probes a second apart, and one with unacknowledged data (a NOTIFY to the relay, say)
-#: after 10 s: the server frees the shards within about 10 s, and another relay claims
-#: them at its next claim round. (Over a Unix socket they don't apply, and aren't needed.)
+#: connection. With these, the server probes an idle session after 3 s and drops it once
+#: 6 s have passed without an answer; data it sent (a NOTIFY to the relay, say) that stays
+#: unacknowledged for 6 s drops it too. So the shards are free about 6 s after the host
+#: vanished, at worst about 12 s (a NOTIFY sent just before the probes gave up restarts
+#: the count), and another relay claims them at its next claim round. (Over a Unix socket
+#: they don't apply, and aren't needed.) A setting the server lacks is skipped.
 SESSION_SETTINGS: Final = (
-    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_idle", "3"),
     ("tcp_keepalives_interval", "1"),
-    ("tcp_keepalives_count", "5"),
-    ("tcp_user_timeout", "10000"),
-    # PostgreSQL 14 and newer: a statement notices a vanished client within 2 s too.
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "6000"),
+    # PostgreSQL 14 and newer, where the platform can tell: a statement notices a
+    # vanished client within 2 s too.
     ("client_connection_check_interval", "2000"),
 )
-#: Errors after which an ``AIOKafkaProducer`` fails every later send: it must be replaced.
+#: Errors after which an ``AIOKafkaProducer`` fails every later send (or every send to
+#: the partition, for a producer id the broker forgot): it must be replaced.
 _BROKEN_PRODUCER: Final = (
     ProducerFenced,
     OutOfOrderSequenceNumber,
+    UnknownProducerId,
     TransactionalIdAuthorizationFailed,
     ProducerClosed,
 )
@@ -175,6 +187,9 @@ class _Outgoing:
 
     rows: list[_Row]
     record_batches: list[tuple[str, int, BatchBuilder]]
+    #: Why the batch can't be sent at all (the producer could not place a row): it then
+    #: fails as a batch the broker refused would.
+    refused: Exception | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +240,8 @@ _MARK_PUBLISHED: Final = (
 )
 _PROBE: Final = "SELECT 1"
 _CONFIGURE_SESSION: Final = text(
-    "SELECT set_config(name, setting, false) "
-    "FROM unnest(CAST(:names AS text[]), CAST(:settings AS text[])) AS wanted(name, setting) "
-    "WHERE name IN (SELECT name FROM pg_settings)"
+    "SELECT set_config(CAST(:name AS text), CAST(:setting AS text), false) "
+    "WHERE EXISTS (SELECT FROM pg_settings WHERE name = CAST(:name AS text))"
 )
 # The executor evaluates the WHERE clause row by row and stops at the LIMIT, so no more
 # than :wanted locks are taken (a surplus would only be released on the next round).
@@ -329,11 +343,14 @@ class Relay:
                 await self._sleep(stop, backoff.next_delay())
 
     async def _configure(self, connection: AsyncConnection) -> None:
-        """Apply ``SESSION_SETTINGS`` (those the server knows)."""
-        names, settings = zip(*SESSION_SETTINGS, strict=True)
-        await connection.execute(
-            _CONFIGURE_SESSION, {"names": list(names), "settings": list(settings)}
-        )
+        """Apply ``SESSION_SETTINGS``: those the server knows and takes."""
+        for name, setting in SESSION_SETTINGS:
+            try:
+                await connection.execute(_CONFIGURE_SESSION, {"name": name, "setting": setting})
+            except Exception as error:
+                if not is_data_error(error):  # the server refused the value: go without
+                    raise
+                log.info("relay session: %s not set: %s", name, _one_line(error))
 
     async def _listen(self, connection: AsyncConnection) -> None:
         driver = await _driver(connection)
@@ -446,9 +463,12 @@ class Relay:
             if partition is None:
                 every = topic_partitions.get(row.topic)
                 if every is None:
-                    every = topic_partitions[row.topic] = sorted(
-                        await producer.partitions_for(row.topic)
-                    )
+                    try:
+                        every = topic_partitions[row.topic] = sorted(
+                            await producer.partitions_for(row.topic)
+                        )
+                    except Exception as error:  # an unknown topic, say; retried later
+                        return _Outgoing(rows, [], refused=error)
                 partition = self._partitioner(row.key, every, every)
                 if row.key is not None:
                     partitions[(row.topic, row.key)] = partition
@@ -476,7 +496,7 @@ class Relay:
         """Hand the record batches to the producer; the acks arrive later."""
         started = asyncio.get_running_loop().time()
         deliveries: list[asyncio.Future[Any]] = []
-        refused: Exception | None = None
+        refused = outgoing.refused
         try:
             for topic, partition, builder in outgoing.record_batches:
                 deliveries.append(
@@ -497,7 +517,7 @@ class Relay:
             await batch.deliveries
         except Exception as error:
             self.stats.failures += 1
-            if isinstance(error, _BROKEN_PRODUCER):
+            if isinstance(error, _BROKEN_PRODUCER) or _sender_died(self.producer):
                 raise ProducerBroken(f"the Kafka producer failed for good: {error!r}") from error
             if isinstance(error, _FORBIDDEN):
                 raise PublishForbidden(
@@ -673,6 +693,14 @@ async def _settled(deliveries: Sequence[asyncio.Future[Any]], refused: Exception
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
+
+
+def _sender_died(producer: Producer) -> bool:
+    """An ``AIOKafkaProducer`` whose background sender died (of an error it does not
+    name, ``Unexpected error during batch delivery``) keeps the error and fails every
+    later send with it. Other producers don't tell: False."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return isinstance(task, asyncio.Future) and task.done()
 
 
 def _headers(document: str) -> list[tuple[str, bytes]]:

@@ -125,6 +125,9 @@ class HeldProducer:
         return self._harness.kafka.create_batch()
 
     async def partitions_for(self, topic: str) -> set[int]:
+        refusal = self._harness.unplaceable.get(topic)
+        if refusal is not None:
+            raise refusal
         return set(await self._harness.kafka.partitions_for(topic))
 
     async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int) -> Any:
@@ -250,6 +253,8 @@ class Harness:
         self.held: list[HeldSend] = []
         self.rows: dict[str, Row] = {}
         self.violations: list[str] = []
+        #: Topics the producer cannot place a message in, and what it raises for them.
+        self.unplaceable: dict[str, Exception] = {}
         #: What the broker appended: partition -> end offset (one past the last record).
         self.log_end: dict[int, int] = log_end if log_end is not None else {}
         self._expected: dict[int, tuple[list[int], int]] = {}

@@ -31,6 +31,7 @@ from orderflow.samples import SampleStream
 from orderflow.services import run_relay
 from orderflow.wiring import ServiceError, create_engine, create_producer
 from outbox import OutboxMessage, add_messages, shard_of
+from outbox import relay as relay_module
 from outbox.enqueue import SHARD_COUNT
 from outbox.relay import ADVISORY_LOCK_NAMESPACE, ProducerBroken, Relay, RelayConfig
 from tests.events import cancelled, delivered, key, paid, placed, shipped
@@ -447,6 +448,44 @@ async def test_a_producer_that_can_never_send_again_ends_the_run_and_frees_the_s
         await engine.dispose()
 
 
+async def test_a_producer_whose_sender_died_of_any_error_ends_the_run(env: TestEnv) -> None:
+    """aiokafka's sender dies of an error it does not name ("Unexpected error during batch
+    delivery") and fails every later send with it: the relay must not take it for a
+    passing failure."""
+    await insert_messages(env, [message(env.settings.outbound_topic, "stuck")])
+    engine = create_engine(env.settings, pool_size=1)
+    kafka = create_producer(env.settings)
+    await kafka.start()
+
+    async def crash(*_: object) -> None:
+        raise RuntimeError("a bug in the sender (test)")
+
+    kafka._sender._send_produce_req = crash  # type: ignore[method-assign]
+    try:
+        relay = Relay(engine, kafka, RelayConfig(claim_interval=0.2))
+        with pytest.raises(ProducerBroken, match="Unexpected error during batch delivery"):
+            await asyncio.wait_for(relay.run(asyncio.Event()), timeout=15)
+        assert await shard_locks(env) == 0
+    finally:
+        await kafka.stop()
+        await engine.dispose()
+
+
+async def test_a_session_setting_the_server_refuses_is_gone_without(
+    env: TestEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some servers refuse a setting they know (client_connection_check_interval where the
+    platform can't tell a closed socket): the relay runs without it, not not at all."""
+    monkeypatch.setattr(
+        relay_module,
+        "SESSION_SETTINGS",
+        (("client_connection_check_interval", "not a duration"), *relay_module.SESSION_SETTINGS),
+    )
+    await insert_messages(env, [message(env.settings.outbound_topic, "configured")])
+    async with direct_relay(env, RelayConfig(claim_interval=0.2)):
+        await wait_all_published(env)
+
+
 async def test_orderflow_relay_replaces_a_producer_that_failed_for_good(env: TestEnv) -> None:
     topic = env.settings.outbound_topic
     async with running_relay(env.settings) as relay:
@@ -463,6 +502,47 @@ async def test_orderflow_relay_replaces_a_producer_that_failed_for_good(env: Tes
         assert relay.producer is not broken
     records = await read_topic(env.settings, topic, 5)
     assert sorted(record.key for record in records) == [f"after-{i}".encode() for i in range(5)]
+
+
+class NeverStarts(FailingAcks):
+    """A producer whose start never returns (waiting for a producer id, say)."""
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+
+async def test_a_stop_while_a_new_producer_starts_ends_the_relay_at_once(
+    env: TestEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[Any] = []
+
+    def create(settings: Any) -> Any:
+        producer = create_producer(settings)
+        created.append(producer if not created else NeverStarts(producer))
+        return created[-1]
+
+    monkeypatch.setattr(services, "create_producer", create)
+    stop = asyncio.Event()
+    started: asyncio.Future[Relay] = asyncio.get_running_loop().create_future()
+    running = asyncio.create_task(run_relay(env.settings, stop, ready=started.set_result))
+    relay = await asyncio.wait_for(started, timeout=30)
+
+    async def owns_all() -> None:
+        assert relay.owned_shards == ALL_SHARDS
+
+    await eventually(owns_all)
+    fail_for_good(relay.producer)  # type: ignore[arg-type]
+    await insert_messages(env, [message(env.settings.outbound_topic, "waits")])
+
+    async def replacing() -> None:
+        assert len(created) == 2
+
+    await eventually(replacing, within=30)
+    stop.set()
+    await asyncio.wait_for(running, timeout=10)  # returns, and without an error
 
 
 class Forbidden(FailingAcks):

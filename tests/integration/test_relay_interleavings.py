@@ -1,9 +1,10 @@
 """The relay under chosen and random interleavings (see ``tests.relay_harness``).
 
 The scan floor reasons about transaction ids, which belong to the whole server, not to one
-database: any other session's commit can hide a hole (it moves the snapshot horizon the
-floor is judged by). So these tests run on a PostgreSQL server of their own, where the
-only transactions are the schedule's.
+database: other sessions' transactions would change what a schedule does (a commit
+elsewhere can hide the hole the floor test looks for, a long transaction elsewhere holds
+the floor still). So these tests run on a PostgreSQL server of their own, where the only
+transactions are the schedule's.
 
 ``ORDERFLOW_SCHEDULES`` (default 200) sets how many random schedules run, from seed
 ``ORDERFLOW_SCHEDULE_SEED`` (default 1), each ``ORDERFLOW_SCHEDULE_STEPS`` steps long
@@ -22,13 +23,14 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
 from orderflow.embedded import EmbeddedPostgres
 from orderflow.migrate import upgrade
 from orderflow.settings import Settings
 from orderflow.topics import ensure_topics
-from outbox.relay import RelayConfig
-from tests.relay_harness import Harness, harness_for, kafka_for, run_schedules
+from outbox.relay import PublishForbidden, RelayConfig
+from tests.relay_harness import Harness, HarnessError, harness_for, kafka_for, run_schedules
 from tests.services import Services
 
 pytestmark = pytest.mark.integration
@@ -190,6 +192,40 @@ async def test_a_relay_whose_session_ended_sends_nothing_more(bench: Bench) -> N
     await harness.drain()
     assert await bench.finish() == []
     assert relay.stats.failures >= 1  # it lost its session, reconnected and went on
+
+
+async def test_a_topic_the_producer_cannot_place_fails_the_batch_and_is_retried(
+    bench: Bench,
+) -> None:
+    """The producer does not know the topic (not created yet, auto-creation off): the batch
+    fails like one the broker refused, and goes out once the topic is there."""
+    harness = bench.harness
+    await idle_relay(harness)
+    [relay] = harness.relays
+    harness.unplaceable[harness.topic] = UnknownTopicOrPartitionError(harness.topic)
+    writer = harness.begin()
+    await harness.insert(writer, [b"early"])
+    await harness.commit(writer)
+    await harness.release(relay)
+    await harness.run_until(relay, "backoff")
+    assert relay.running
+    assert relay.stats.failures == 1
+    del harness.unplaceable[harness.topic]
+    await harness.drain()
+    assert await bench.finish() == []
+
+
+async def test_a_topic_the_broker_refuses_to_describe_ends_the_run(bench: Bench) -> None:
+    harness = bench.harness
+    await idle_relay(harness)
+    [relay] = harness.relays
+    harness.unplaceable[harness.topic] = TopicAuthorizationFailedError(harness.topic)
+    writer = harness.begin()
+    await harness.insert(writer, [b"refused"])
+    await harness.commit(writer)
+    with pytest.raises(HarnessError) as failed:
+        await harness.run_until(relay, "backoff")
+    assert isinstance(failed.value.__cause__, PublishForbidden)
 
 
 @pytest.mark.timeout(1800)

@@ -153,7 +153,7 @@ def relay(
 
     Several relays may run: each key's messages stay in order (shards owned through
     PostgreSQL advisory locks). A crashed relay's shards move to the others within about
-    2 s, a vanished host's within about 12 s. SIGTERM or Ctrl-C stops after the batch in
+    2 s, a vanished host's within about 8 s. SIGTERM or Ctrl-C stops after the batch in
     flight. Exits 1 if the broker refuses the relay's messages (authorization).
     """
     logs.configure(log_level)

@@ -407,20 +407,6 @@ async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(
     assert sorted(r.key for r in records) == sorted(f"k{i}".encode() for i in range(5))
 
 
-async def shard_locks(env: TestEnv) -> int:
-    """Shard locks granted in the test's database (every relay's)."""
-    async with env.engine.connect() as connection:
-        held = await connection.execute(
-            text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND objsubid = 2 AND classid = CAST(:namespace AS oid) AND database = "
-                "(SELECT oid FROM pg_database WHERE datname = current_database())"
-            ),
-            {"namespace": ADVISORY_LOCK_NAMESPACE},
-        )
-        return int(held.scalar_one())
-
-
 def fail_for_good(producer: AIOKafkaProducer) -> None:
     """What aiokafka does when its sender dies of a fatal error (out of sequence, fenced):
     every batch, and every later send, fails with it."""
@@ -441,7 +427,7 @@ async def test_a_producer_that_can_never_send_again_ends_the_run_and_frees_the_s
         with pytest.raises(ProducerBroken, match="OutOfOrderSequenceNumber"):
             await asyncio.wait_for(relay.run(asyncio.Event()), timeout=15)
         assert relay.owned_shards == frozenset()
-        assert await shard_locks(env) == 0
+        assert await advisory_shard_locks(env) == []
         assert [row.published_at for row in await outbox_rows(env.sessions)] == [None]
     finally:
         await kafka.stop()
@@ -465,7 +451,7 @@ async def test_a_producer_whose_sender_died_of_any_error_ends_the_run(env: TestE
         relay = Relay(engine, kafka, RelayConfig(claim_interval=0.2))
         with pytest.raises(ProducerBroken, match="Unexpected error during batch delivery"):
             await asyncio.wait_for(relay.run(asyncio.Event()), timeout=15)
-        assert await shard_locks(env) == 0
+        assert await advisory_shard_locks(env) == []
     finally:
         await kafka.stop()
         await engine.dispose()
@@ -573,7 +559,7 @@ async def test_orderflow_relay_stops_with_one_line_when_the_broker_refuses_its_m
     assert str(raised.value).startswith("the Kafka broker refuses the relay's messages")
     assert f"allow this client to write to {env.settings.outbound_topic}" in str(raised.value)
     assert "\n" not in str(raised.value)
-    assert await shard_locks(env) == 0
+    assert await advisory_shard_locks(env) == []
 
 
 async def test_keys_land_on_the_partitions_the_producer_itself_would_choose(

@@ -79,6 +79,49 @@ _MOVES: Final[dict[tuple[OrderStatus, type], OrderStatus]] = {
 }
 
 
+def _sources() -> dict[type, frozenset[OrderStatus]]:
+    sources: dict[type, set[OrderStatus]] = {}
+    for status, payload in _MOVES:
+        sources.setdefault(payload, set()).add(status)
+    return {payload: frozenset(statuses) for payload, statuses in sources.items()}
+
+
+def _reachable() -> dict[OrderStatus, frozenset[OrderStatus]]:
+    reachable: dict[OrderStatus, frozenset[OrderStatus]] = {}
+    for status in OrderStatus:
+        seen: set[OrderStatus] = set()
+        frontier = [status]
+        while frontier:
+            current = frontier.pop()
+            for (source, _), target in _MOVES.items():
+                if source is current and target not in seen:
+                    seen.add(target)
+                    frontier.append(target)
+        reachable[status] = frozenset(seen)
+    return reachable
+
+
+#: Event payload type -> the statuses it applies from.
+SOURCES: Final = _sources()
+#: Status -> the statuses an order can still reach from it, by one or more legal moves.
+REACHABLE: Final = _reachable()
+
+
+def can_apply_later(state: OrderState | None, event: InboundEvent) -> bool:
+    """Whether ``event``, which can't apply to ``state`` now, may apply after other events
+    of its order: the order does not exist yet (any event but ``OrderPlaced``), or the
+    event applies from a status the order can still reach (``OrderShipped`` on a
+    ``pending`` order waits for ``OrderPaid``). Everything else can never apply: an
+    ``OrderPlaced`` on an existing order, an event whose statuses the order has left for
+    good, anything on a ``cancelled`` or ``delivered`` order."""
+    payload = event.payload
+    if isinstance(payload, OrderPlaced):
+        return False
+    if state is None:
+        return True
+    return not SOURCES[type(payload)].isdisjoint(REACHABLE[state.status])
+
+
 def order_total(lines: tuple[LineState, ...]) -> Decimal:
     return sum((line.unit_price * line.quantity for line in lines), Decimal(0))
 

@@ -37,6 +37,7 @@ from consumer.state_machine import (
     LineState,
     OrderState,
     OrderStatus,
+    can_apply_later,
     order_total,
     transition,
 )
@@ -443,3 +444,61 @@ def test_applying_an_event_twice_never_moves_twice(
     # No status has a self-loop: the same event again is refused, so it can't count twice.
     with pytest.raises(RejectedEvent):
         transition(once, e, at=T1)
+
+
+# -- parking: which refusals are "not yet" ---------------------------------------------------
+
+#: What becomes of each event type in each status (None: no order yet), written out from
+#: the contract's "Resequencing and parking": "apply", "park" (it can still apply once
+#: other events of its order did) or "reject" (it never can).
+FATE: dict[tuple[OrderStatus | None, EventType], str] = {
+    (None, EventType.ORDER_PLACED): "apply",
+    (None, EventType.ORDER_PAID): "park",
+    (None, EventType.ORDER_SHIPPED): "park",
+    (None, EventType.ORDER_DELIVERED): "park",
+    (None, EventType.ORDER_CANCELLED): "park",
+    (OrderStatus.PENDING, EventType.ORDER_PLACED): "reject",
+    (OrderStatus.PENDING, EventType.ORDER_PAID): "apply",
+    (OrderStatus.PENDING, EventType.ORDER_SHIPPED): "park",  # waits for OrderPaid
+    (OrderStatus.PENDING, EventType.ORDER_DELIVERED): "park",  # ... and OrderShipped
+    (OrderStatus.PENDING, EventType.ORDER_CANCELLED): "apply",
+    (OrderStatus.PAID, EventType.ORDER_PLACED): "reject",
+    (OrderStatus.PAID, EventType.ORDER_PAID): "reject",  # pending is left for good
+    (OrderStatus.PAID, EventType.ORDER_SHIPPED): "apply",
+    (OrderStatus.PAID, EventType.ORDER_DELIVERED): "park",  # waits for OrderShipped
+    (OrderStatus.PAID, EventType.ORDER_CANCELLED): "apply",
+    (OrderStatus.SHIPPED, EventType.ORDER_PLACED): "reject",
+    (OrderStatus.SHIPPED, EventType.ORDER_PAID): "reject",
+    (OrderStatus.SHIPPED, EventType.ORDER_SHIPPED): "reject",
+    (OrderStatus.SHIPPED, EventType.ORDER_DELIVERED): "apply",
+    (OrderStatus.SHIPPED, EventType.ORDER_CANCELLED): "reject",  # too late to cancel
+    **{(OrderStatus.DELIVERED, kind): "reject" for kind in EventType},
+    **{(OrderStatus.CANCELLED, kind): "reject" for kind in EventType},
+}
+
+
+def fate(current: OrderState | None, incoming: InboundEvent) -> str:
+    try:
+        transition(current, incoming, at=T1)
+    except RejectedEvent:
+        return "park" if can_apply_later(current, incoming) else "reject"
+    return "apply"
+
+
+@pytest.mark.parametrize(("status", "event_type"), sorted(FATE, key=str))
+def test_every_status_and_event_type_applies_parks_or_is_rejected_as_the_contract_says(
+    status: OrderStatus | None, event_type: EventType
+) -> None:
+    current = None if status is None else state(status)
+    incoming = placed() if event_type is EventType.ORDER_PLACED else non_placed_event(event_type)
+    assert fate(current, incoming) == FATE[(status, event_type)]
+
+
+def test_the_fate_table_covers_every_status_and_event_type() -> None:
+    assert set(FATE) == {(status, kind) for status in (None, *OrderStatus) for kind in EventType}
+
+
+def test_an_amount_mismatch_is_rejected_even_though_the_status_fits() -> None:
+    """An OrderPaid whose amount differs from the total can never apply: no later event
+    changes the total."""
+    assert fate(state(OrderStatus.PENDING, total="25.00"), paid("24.00")) == "reject"

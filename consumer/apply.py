@@ -37,26 +37,30 @@ from sqlalchemy.orm import joinedload
 
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
+from consumer.messages import InboundMessage, dead_letter
 from consumer.models import Customer, Order, OrderLine, ProcessedEvent
 from consumer.offsets import advance_offset
-from consumer.state_machine import LineState, OrderState, OrderStatus, transition
+from consumer.parking import (
+    PARKABLE,
+    Parked,
+    forget_parked,
+    load_waiting,
+    parked_dead_letter,
+    write_parked,
+)
+from consumer.state_machine import (
+    LineState,
+    OrderState,
+    OrderStatus,
+    can_apply_later,
+    transition,
+)
 from consumer.updates import UPDATE_EVENT_TYPE, build_update, update_event_id
 from outbox import OutboxMessage, add_messages
 from outbox.bulk import TableRows
 
 CONTENT_TYPE: Final = "application/json"
 _INBOX_COLUMNS: Final = ("event_id", "order_id", "event_type", "topic", "partition", "offset")
-
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """One Kafka record as the consumer received it (the bytes untouched)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Destinations:
 @dataclass(slots=True)
 class BatchOutcome:
     next_offset: int
+    #: Events applied, released parked events included.
     applied: int = 0
     duplicates: int = 0
     dead_letters: Counter[DeadLetterReason] = field(default_factory=Counter)
@@ -75,26 +80,13 @@ class BatchOutcome:
     rejections: list[tuple[InboundMessage, RejectedEvent, InboundEvent | None]] = field(
         default_factory=list
     )
+    #: Events parked by this batch, and parked events it applied, by event type.
+    parked: Counter[str] = field(default_factory=Counter)
+    released: Counter[str] = field(default_factory=Counter)
 
     @property
     def dead_lettered(self) -> int:
         return sum(self.dead_letters.values())
-
-
-def dead_letter(message: InboundMessage, error: RejectedEvent, topic: str) -> OutboxMessage:
-    """The DLQ record of a rejected message: original key and value bytes, contract headers."""
-    return OutboxMessage(
-        topic=topic,
-        key=message.key,
-        payload=message.value,
-        headers=(
-            ("error.reason", error.reason.value),
-            ("error.message", error.message),
-            ("source.topic", message.topic),
-            ("source.partition", str(message.partition)),
-            ("source.offset", str(message.offset)),
-        ),
-    )
 
 
 def order_state(order: Order) -> OrderState:
@@ -126,12 +118,16 @@ async def apply_batch(
     now: datetime,
     rejected: Mapping[int, RejectedEvent] | None = None,
     max_message_bytes: int = MAX_EVENT_BYTES,
+    park: bool = False,
 ) -> BatchOutcome:
     """Apply ``messages`` (one partition, consecutive, in offset order) in one transaction.
 
     ``expected_offset`` is the partition's stored next offset as this consumer knows it;
     ``rejected`` forces a rejection for some offsets (used to isolate a message that the
     database itself refuses). A value over ``max_message_bytes`` is dead-lettered unparsed.
+    With ``park``, an event that cannot apply *yet* is parked instead of dead-lettered (see
+    :mod:`consumer.parking`); parked events of the batch's orders that now apply are
+    applied whether or not ``park`` is set.
     Raises ``OffsetConflict`` when fenced; any other exception means nothing was written.
     """
     if not messages:
@@ -151,11 +147,12 @@ async def apply_batch(
 
     async with session_factory() as session, session.begin():
         events = [item for item in decoded if isinstance(item, InboundEvent)]
+        order_ids = sorted({event.order_id for event in events})
         # Lock first, then read the inbox: a transaction of another group (a replay) that
         # applied one of these events under the same order lock is then seen as committed,
         # so its event counts as a duplicate instead of failing the state machine here.
-        orders = await _lock_orders(session, {event.order_id for event in events})
-        processed = await advance_offset(
+        orders = await _lock_orders(session, order_ids)
+        advanced = await advance_offset(
             session,
             group_id=group_id,
             topic=first.topic,
@@ -163,38 +160,39 @@ async def apply_batch(
             expected=expected_offset,
             to=outcome.next_offset,
             event_ids=[event.event_id for event in events],
+            order_ids=order_ids,
         )
-        states: dict[uuid.UUID, OrderState | None] = {
-            order_id: order_state(order) for order_id, order in orders.items()
-        }
-
-        emitted: list[OutboxMessage] = []
-        applied: list[tuple[InboundMessage, InboundEvent]] = []
-        seen = set(processed)
+        batch = _Batch(
+            outcome=outcome,
+            destinations=destinations,
+            now=now,
+            states={order_id: order_state(order) for order_id, order in orders.items()},
+            waiting=await load_waiting(session, order_ids) if advanced.waiting else {},
+        )
+        seen = set(advanced.seen)
         for message, item in zip(messages, decoded, strict=True):
             if isinstance(item, RejectedEvent):
-                emitted.append(dead_letter(message, item, destinations.dead_letter_topic))
-                outcome.dead_letters[item.reason] += 1
-                outcome.rejections.append((message, item, None))
+                batch.reject(message, item, None)
                 continue
             if item.event_id in seen:
                 outcome.duplicates += 1
                 continue
-            try:
-                state = transition(states.get(item.order_id), item, at=now)
-            except RejectedEvent as error:
-                emitted.append(dead_letter(message, error, destinations.dead_letter_topic))
-                outcome.dead_letters[error.reason] += 1
-                outcome.rejections.append((message, error, item))
-                continue
             seen.add(item.event_id)
-            states[item.order_id] = state
-            applied.append((message, item))
-            emitted.append(_update_message(state, item, destinations.updates_topic, now))
+            current = batch.states.get(item.order_id)
+            try:
+                state = transition(current, item, at=now)
+            except RejectedEvent as error:
+                if park and isinstance(error, PARKABLE) and can_apply_later(current, item):
+                    batch.park(Parked(message, item, error, parked_at=now))
+                else:
+                    batch.reject(message, error, item)
+                continue
+            batch.apply(message, item, state)
+            batch.release(item.order_id)
 
         inbox = None
-        if applied:
-            await _write_orders(session, orders, states, applied)
+        if batch.applied:
+            await _write_orders(session, orders, batch.states, batch.applied)
             inbox = TableRows(
                 cast(Table, ProcessedEvent.__table__),
                 _INBOX_COLUMNS,
@@ -207,12 +205,108 @@ async def apply_batch(
                         message.partition,
                         message.offset,
                     )
-                    for message, event in applied
+                    for message, event in batch.applied
                 ],
             )
-        await add_messages(session, emitted, along=inbox)
-        outcome.applied = len(applied)
+        await add_messages(session, batch.emitted, along=inbox)
+        await forget_parked(session, batch.left)
+        await write_parked(
+            session,
+            group_id,
+            [
+                parked
+                for queue in batch.waiting.values()
+                for parked in queue
+                if parked.row_id is None
+            ],
+        )
+        outcome.applied = len(batch.applied)
     return outcome
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one transaction decides, in memory: order states, what it emits, parked events."""
+
+    outcome: BatchOutcome
+    destinations: Destinations
+    now: datetime
+    states: dict[uuid.UUID, OrderState | None]
+    #: Parked events by order, in arrival order: loaded (locked) ones and this batch's own.
+    waiting: dict[uuid.UUID, list[Parked]]
+    emitted: list[OutboxMessage] = field(default_factory=list)
+    applied: list[tuple[InboundMessage, InboundEvent]] = field(default_factory=list)
+    #: Rows of parked events this batch applied or dead-lettered.
+    left: list[int] = field(default_factory=list)
+
+    def apply(self, message: InboundMessage, event: InboundEvent, state: OrderState) -> None:
+        self.states[event.order_id] = state
+        self.applied.append((message, event))
+        self.emitted.append(
+            _update_message(state, event, self.destinations.updates_topic, self.now)
+        )
+
+    def reject(
+        self, message: InboundMessage, error: RejectedEvent, event: InboundEvent | None
+    ) -> None:
+        self.emitted.append(dead_letter(message, error, self.destinations.dead_letter_topic))
+        self.outcome.dead_letters[error.reason] += 1
+        self.outcome.rejections.append((message, error, event))
+
+    def park(self, parked: Parked) -> None:
+        self.waiting.setdefault(parked.event.order_id, []).append(parked)
+        self.outcome.parked[parked.event.event_type.value] += 1
+
+    def release(self, order_id: uuid.UUID) -> None:
+        """After an event of ``order_id`` applied: apply its parked events that now apply,
+        the oldest first, again and again until none does; dead-letter those that now
+        never can."""
+        queue = self.waiting.get(order_id)
+        while queue:
+            for parked in queue:
+                current = self.states.get(order_id)
+                try:
+                    state = transition(current, parked.event, at=self.now)
+                except RejectedEvent as error:
+                    if can_apply_later(current, parked.event):
+                        continue  # still waiting
+                    queue.remove(parked)
+                    self._leave(parked)
+                    self.emitted.append(
+                        parked_dead_letter(
+                            parked,
+                            error,
+                            self.destinations.dead_letter_topic,
+                            self.now,
+                            why="it was parked, and its order moved on to where it can't apply",
+                        )
+                    )
+                    self.outcome.dead_letters[error.reason] += 1
+                    self.outcome.rejections.append((parked.message, error, parked.event))
+                    break
+                queue.remove(parked)
+                self._leave(parked)
+                self.apply(parked.message, parked.event, state)
+                self.outcome.released[parked.event.event_type.value] += 1
+                break  # start again from the oldest
+            else:
+                return  # none applies now
+
+    def _leave(self, parked: Parked) -> None:
+        if parked.row_id is not None:
+            self.left.append(parked.row_id)
+
+    def newly_parked(self) -> list[Parked]:
+        """This batch's parked events that still wait, in arrival order."""
+        return sorted(
+            (
+                parked
+                for queue in self.waiting.values()
+                for parked in queue
+                if parked.row_id is None
+            ),
+            key=lambda parked: parked.message.offset,
+        )
 
 
 def _update_message(
@@ -300,10 +394,12 @@ _INSERT_LINES: Final = insert(OrderLine)
 _UPDATE_ORDERS: Final = update(Order)
 
 
-async def _lock_orders(session: AsyncSession, order_ids: set[uuid.UUID]) -> dict[uuid.UUID, Order]:
+async def _lock_orders(
+    session: AsyncSession, order_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Order]:
     if not order_ids:
         return {}
-    result = await session.execute(_LOCK_ORDERS, {"order_ids": sorted(order_ids)})
+    result = await session.execute(_LOCK_ORDERS, {"order_ids": list(order_ids)})
     return {order.id: order for order in result.unique().scalars()}
 
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -30,11 +30,13 @@ from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
+from consumer.apply import BatchOutcome, Destinations, apply_batch
 from consumer.errors import DeadLetterReason, OffsetConflict, RejectedEvent, SchemaViolation
 from consumer.events import MAX_EVENT_BYTES
+from consumer.messages import InboundMessage
 from consumer.observe import NO_CONSUMER_OBSERVER, ConsumerObserver
 from consumer.offsets import load_offset
+from consumer.parking import Expired, due_partitions, expire_parked
 from outbox.faults import Backoff, is_data_error, is_transient
 
 log = logging.getLogger("orderflow.consumer")
@@ -63,6 +65,20 @@ class ConsumerConfig:
     #: A lane holding twice this pauses its partition's fetching, so memory stays bounded
     #: however large the records are.
     max_batch_bytes: int = 8 * 1024 * 1024
+    #: Seconds an event that cannot apply yet waits (parked) for the events it needs before
+    #: it is dead-lettered; 0: no parking, such events are dead-lettered at once (and any
+    #: still parked are dead-lettered at the next sweep).
+    park_timeout: float = 0.0
+
+    @property
+    def parking(self) -> bool:
+        return self.park_timeout > 0
+
+    @property
+    def sweep_interval(self) -> float:
+        """How often the partitions are checked for parked events that waited long enough:
+        a tenth of the timeout, between 0.1 s and 5 s."""
+        return min(5.0, max(0.1, self.park_timeout / 10))
 
 
 @dataclass(slots=True)
@@ -75,11 +91,21 @@ class ConsumerStats:
     dead_letters: Counter[DeadLetterReason] = field(default_factory=Counter)
     retries: int = 0
     fenced: int = 0
+    #: Parked events by event type: parked, released (applied later), expired.
+    parked: Counter[str] = field(default_factory=Counter)
+    released: Counter[str] = field(default_factory=Counter)
+    expired: Counter[str] = field(default_factory=Counter)
 
     def add(self, outcome: BatchOutcome) -> None:
         self.batches += 1
         self.applied += outcome.applied
         self.duplicates += outcome.duplicates
+        self.dead_letters.update(outcome.dead_letters)
+        self.parked.update(outcome.parked)
+        self.released.update(outcome.released)
+
+    def add_expired(self, outcome: Expired) -> None:
+        self.expired.update(outcome.expired)
         self.dead_letters.update(outcome.dead_letters)
 
 
@@ -114,6 +140,8 @@ class _Lane:
         self.task: asyncio.Task[None] | None = None
         #: Bytes of the keys and values in ``records``.
         self.size = 0
+        #: Parked events of this partition have waited long enough: expire them next.
+        self.expiry_due = False
 
     def add(self, messages: Iterable[InboundMessage]) -> None:
         arrived = list(messages)
@@ -151,11 +179,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._owner.assigned = frozenset()  # none is surely ours until the new assignment
         await self._owner.close_lanes(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         partitions = frozenset(assigned)
         self._owner.forget_offsets(partitions)
+        self._owner.assigned = partitions
         self._owner.observer.partitions_assigned(partitions)
 
 
@@ -188,6 +218,8 @@ class OrderConsumer:
         self._group: asyncio.TaskGroup | None = None
         self._to_commit: dict[TopicPartition, int] = {}
         self._commit_task: asyncio.Task[None] | None = None
+        #: The partitions of the last assignment (empty while a rebalance is under way).
+        self.assigned: frozenset[TopicPartition] = frozenset()
         self.stats = ConsumerStats()
 
     def subscribe(self) -> None:
@@ -198,11 +230,13 @@ class OrderConsumer:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                sweeper = group.create_task(self._sweep_parked(stop))
                 while not stop.is_set():
                     for partition, records in (await self._poll(stop)).items():
                         self._feed(partition, records, stop)
                 for lane in self._lanes.values():
                     lane.arrived.set()  # wake idle lanes: they see stop and return
+                sweeper.cancel()
         finally:
             self._group = None
             await self._finish_commits()
@@ -218,18 +252,22 @@ class OrderConsumer:
             task.cancel()
             await asyncio.wait({task})
 
-    def _feed(
-        self,
-        partition: TopicPartition,
-        records: list[ConsumerRecord[bytes, bytes]],
-        stop: asyncio.Event,
-    ) -> None:
+    def _lane(self, partition: TopicPartition, stop: asyncio.Event) -> _Lane:
         lane = self._lanes.get(partition)
         if lane is None or lane.closed:
             assert self._group is not None
             lane = _Lane(partition)
             self._lanes[partition] = lane
             lane.task = self._group.create_task(self._work(lane, stop))
+        return lane
+
+    def _feed(
+        self,
+        partition: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        stop: asyncio.Event,
+    ) -> None:
+        lane = self._lane(partition, stop)
         lane.add(_inbound(record) for record in records)
         lane.arrived.set()
         self.observer.fetched(len(records))
@@ -245,6 +283,14 @@ class OrderConsumer:
     async def _work(self, lane: _Lane, stop: asyncio.Event) -> None:
         """A partition's worker: its records, in order, one transaction per chunk."""
         while not stop.is_set() and not lane.closed:
+            if lane.expiry_due:
+                lane.expiry_due = False
+                lane.idle.clear()
+                try:
+                    await self._expire(lane.partition, stop)
+                finally:
+                    lane.idle.set()
+                continue
             if not lane.records:
                 lane.arrived.clear()
                 await lane.arrived.wait()
@@ -279,6 +325,98 @@ class OrderConsumer:
         for lane in closing:
             await lane.idle.wait()
         self.forget_offsets(partitions)
+
+    async def _sweep_parked(self, stop: asyncio.Event) -> None:
+        """Every ``sweep_interval``: hand each owned partition with parked events that
+        waited the timeout to its lane, which expires them between two of its batches
+        (so even a partition that receives nothing more expires what waits in it)."""
+        config = self._config
+        older_than = timedelta(seconds=config.park_timeout)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=config.sweep_interval)
+            if stop.is_set():
+                return
+            owned = sorted(
+                partition.partition
+                for partition in self.assigned
+                if partition.topic == config.inbound_topic
+            )
+            try:
+                due = await due_partitions(
+                    self._sessions,
+                    group_id=config.group_id,
+                    topic=config.inbound_topic,
+                    partitions=owned,
+                    older_than=older_than,
+                )
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                log.warning("checking for expired parked events failed: %s", _one_line(error))
+                continue
+            for number in due:
+                partition = TopicPartition(config.inbound_topic, number)
+                if partition not in self.assigned:  # revoked meanwhile
+                    continue
+                lane = self._lane(partition, stop)
+                lane.expiry_due = True
+                lane.arrived.set()
+
+    async def _expire(self, partition: TopicPartition, stop: asyncio.Event) -> None:
+        """Dead-letter the partition's parked events that waited the timeout (fenced like a
+        batch: only while the stored offset is the one this member expects)."""
+        config = self._config
+        async with self._slots:
+            backoff = Backoff()
+            while not stop.is_set():
+                try:
+                    if partition not in self._known:
+                        async with self._sessions() as session:
+                            self._known[partition] = await load_offset(
+                                session, config.group_id, partition.topic, partition.partition
+                            )
+                    expected = self._known[partition]
+                    if expected is None:
+                        return  # nothing was ever applied here, so nothing is parked
+                    expired = await expire_parked(
+                        self._sessions,
+                        group_id=config.group_id,
+                        topic=partition.topic,
+                        partition=partition.partition,
+                        expected_offset=expected,
+                        older_than=timedelta(seconds=config.park_timeout),
+                        dead_letter_topic=config.destinations.dead_letter_topic,
+                        now=self._clock(),
+                    )
+                except OffsetConflict as conflict:
+                    self.stats.fenced += 1
+                    log.warning("%s; not expiring its parked events", conflict)
+                    self._resync(partition, conflict.stored)
+                    return
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
+                    self.stats.retries += 1
+                    log.warning(
+                        "transient fault expiring parked events of %s[%d], retrying: %s",
+                        partition.topic,
+                        partition.partition,
+                        _one_line(error),
+                    )
+                    await backoff.sleep(stop)
+                    continue
+                if expired.count:
+                    self.stats.add_expired(expired)
+                    self.observer.parked_expired(expired)
+                    log.info(
+                        "parked events expired",
+                        extra={
+                            **_where(partition, expected),
+                            "expired": dict(expired.expired),
+                        },
+                    )
+                return
 
     def next_offsets(self) -> dict[TopicPartition, int]:
         """The stored next offset of each partition this member has read or advanced (what
@@ -444,6 +582,7 @@ class OrderConsumer:
             now=self._clock(),
             rejected=rejected,
             max_message_bytes=self._config.max_message_bytes,
+            park=self._config.parking,
         )
         self._known[partition] = outcome.next_offset
         self._sought.discard(partition)

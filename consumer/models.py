@@ -1,4 +1,5 @@
-"""The order service's tables: customers, orders, order lines, the inbox, consumer offsets.
+"""The order service's tables: customers, orders, order lines, the inbox, parked events,
+consumer offsets.
 
 Relationships are ``lazy="raise"``: touching one that the query did not eager-load is an
 immediate, clear error in tests, never a ``MissingGreenlet`` at run time.
@@ -15,11 +16,14 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import UUID
@@ -111,6 +115,36 @@ class ProcessedEvent(Base):
     offset: Mapped[int] = mapped_column(BigInteger)
     processed_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class ParkedEvent(Base):
+    """An inbound event that cannot apply yet, waiting for an earlier event of its order.
+
+    ``id`` is the arrival order; the key and value are the original bytes (for the dead
+    letter, should it never apply); ``reason`` and ``message`` say why it waits.
+    """
+
+    __tablename__ = "parked_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    order_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    event_type: Mapped[str] = mapped_column(Text)
+    group_id: Mapped[str] = mapped_column(Text)
+    topic: Mapped[str] = mapped_column(Text)
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    value: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    parked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        UniqueConstraint("event_id", name="uq_parked_events_event_id"),
+        Index("ix_parked_events_order_id", "order_id"),
+        Index("ix_parked_events_partition", "group_id", "topic", "partition", "parked_at"),
     )
 
 

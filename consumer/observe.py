@@ -1,8 +1,9 @@
 """What the consume loop tells an observer (metrics), and the observer that listens to nothing.
 
-The loop calls these hooks once per poll, per committed batch and per rebalance, never per
-message, so an observer costs the hot path a few calls per batch. Hooks must not block,
-do I/O or raise: they run on the event loop, inside the consume loop.
+The loop calls these hooks once per poll, per committed batch, per expiry of parked
+events and per rebalance, never per message, so an observer costs the hot path a few
+calls per batch. Hooks must not block, do I/O or raise: they run on the event loop,
+inside the consume loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiokafka import TopicPartition
 
 if TYPE_CHECKING:
     from consumer.apply import BatchOutcome
+    from consumer.parking import Expired
 
 
 class ConsumerObserver(Protocol):
@@ -26,6 +28,9 @@ class ConsumerObserver(Protocol):
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
         """A group (re)join finished with this assignment (possibly empty: a standby)."""
 
+    def parked_expired(self, outcome: Expired) -> None:
+        """Parked events of a partition waited too long and were dead-lettered."""
+
 
 class NoConsumerObserver:
     """The default observer: does nothing."""
@@ -37,6 +42,9 @@ class NoConsumerObserver:
         pass
 
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
+        pass
+
+    def parked_expired(self, outcome: Expired) -> None:
         pass
 
 

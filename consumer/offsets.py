@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import any_, bindparam, exists, func, select, update
@@ -18,7 +19,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from consumer.errors import OffsetConflict
-from consumer.models import ConsumerOffset, ProcessedEvent
+from consumer.models import ConsumerOffset, ParkedEvent, ProcessedEvent
 
 
 async def load_offset(
@@ -38,11 +39,17 @@ async def load_offset(
 
 # The compare-and-set and the inbox lookup of a batch, as one statement (one round trip),
 # built once with named parameters so that it is compiled once. The inbox is read in the
-# same statement, whose snapshot is taken after the caller locked the batch's orders.
+# same statement, whose snapshot is taken after the caller locked the batch's orders. An
+# event waiting in ``parked_events`` counts as seen too (its repeat is a duplicate), and
+# the statement tells whether any of the batch's orders has events waiting.
 _EVENT_IDS = bindparam("event_ids", type_=ARRAY(UUID(as_uuid=True)))
+_ORDER_IDS = bindparam("order_ids", type_=ARRAY(UUID(as_uuid=True)))
 _IN_INBOX = (
-    select(ProcessedEvent.event_id).where(ProcessedEvent.event_id == any_(_EVENT_IDS))
+    select(ProcessedEvent.event_id)
+    .where(ProcessedEvent.event_id == any_(_EVENT_IDS))
+    .union_all(select(ParkedEvent.event_id).where(ParkedEvent.event_id == any_(_EVENT_IDS)))
 ).scalar_subquery()
+_WAITING = exists(select(ParkedEvent.id).where(ParkedEvent.order_id == any_(_ORDER_IDS)))
 # (Parameter names that are not column names: in an UPDATE, those would mean SET.)
 _KEY = (
     ConsumerOffset.group_id == bindparam("key_group"),
@@ -68,8 +75,22 @@ _NEXT_ADVANCE = (
     .returning(ConsumerOffset.next_offset)
     .cte("advanced")
 )
-_ADVANCE_FIRST: Final = select(exists(select(_FIRST_ADVANCE.c.next_offset)), func.array(_IN_INBOX))
-_ADVANCE_NEXT: Final = select(exists(select(_NEXT_ADVANCE.c.next_offset)), func.array(_IN_INBOX))
+_ADVANCE_FIRST: Final = select(
+    exists(select(_FIRST_ADVANCE.c.next_offset)), func.array(_IN_INBOX), _WAITING
+)
+_ADVANCE_NEXT: Final = select(
+    exists(select(_NEXT_ADVANCE.c.next_offset)), func.array(_IN_INBOX), _WAITING
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Advanced:
+    """What the compare-and-set statement found besides moving the offset."""
+
+    #: The batch's event ids already applied, or waiting (parked).
+    seen: set[uuid.UUID]
+    #: Whether any of the batch's orders has parked events.
+    waiting: bool
 
 
 async def advance_offset(
@@ -81,9 +102,11 @@ async def advance_offset(
     expected: int | None,
     to: int,
     event_ids: Sequence[uuid.UUID] = (),
-) -> set[uuid.UUID]:
+    order_ids: Sequence[uuid.UUID] = (),
+) -> Advanced:
     """Move the stored offset from ``expected`` to ``to``, or raise ``OffsetConflict``;
-    in the same statement, find which of ``event_ids`` the inbox already holds (returned).
+    in the same statement, find which of ``event_ids`` the inbox (or the parked events)
+    already holds, and whether any of ``order_ids`` has parked events.
 
     The statement waits for the partition's row lock when another transaction holds it
     (a zombie and the new owner of one partition serialise here), then re-checks the
@@ -95,6 +118,7 @@ async def advance_offset(
         "key_partition": partition,
         "to": to,
         "event_ids": list(event_ids),
+        "order_ids": list(order_ids),
     }
     if expected is None:
         statement = _ADVANCE_FIRST
@@ -102,9 +126,9 @@ async def advance_offset(
         statement = _ADVANCE_NEXT
         parameters["expected"] = expected
     connection = await session.connection()
-    advanced, processed = (await connection.execute(statement, parameters)).one()
+    advanced, processed, waiting = (await connection.execute(statement, parameters)).one()
     if not advanced:
         stored = await load_offset(session, group_id, topic, partition)
         raise OffsetConflict(topic, partition, expected, stored)
     # The driver's UUID subclass -> plain UUIDs, as the decoded events carry.
-    return {uuid.UUID(int=event_id.int) for event_id in processed}
+    return Advanced({uuid.UUID(int=event_id.int) for event_id in processed}, bool(waiting))

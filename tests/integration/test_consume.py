@@ -20,6 +20,7 @@ from consumer.errors import OffsetConflict
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
 from consumer.observe import ConsumerObserver
+from consumer.parking import Expired
 from orderflow.samples import SampleStream
 from orderflow.services import run_consumer
 from tests.events import cancelled, delivered, key, paid, placed, shipped
@@ -240,6 +241,9 @@ class StopAfterBatches:
 
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
         self._observer.partitions_assigned(partitions)
+
+    def parked_expired(self, outcome: Expired) -> None:
+        self._observer.parked_expired(outcome)
 
 
 async def assert_end_state(env: TestEnv, expected: Expected) -> None:

@@ -1,0 +1,317 @@
+"""Parking on a real database: events that arrive before the events they need wait, are
+applied right after them in arrival order, and end applied or dead-lettered exactly once
+(see "Resequencing and parking" in the contract)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
+from consumer.errors import OffsetConflict
+from consumer.models import ParkedEvent
+from consumer.parking import PARKED_MS_HEADER, expire_parked, expire_where
+from tests.events import Message, cancelled, delivered, paid, placed, shipped
+from tests.helpers import TestEnv, decode_json, header_map, orders_by_id, outbox_rows
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "orders.events.parking"
+
+
+class Partition:
+    """One inbound partition fed batch by batch through ``apply_batch``, as a lane does."""
+
+    def __init__(self, env: TestEnv, *, park: bool = True, number: int = 0) -> None:
+        self.env = env
+        self.park = park
+        self.number = number
+        self.offset: int | None = None
+        self.destinations = Destinations(
+            updates_topic=env.settings.outbound_topic,
+            dead_letter_topic=env.settings.dlq_topic,
+        )
+
+    async def apply(self, *messages: Message, now: datetime | None = None) -> BatchOutcome:
+        start = self.offset or 0
+        inbound = [
+            InboundMessage(TOPIC, self.number, start + index, key, value)
+            for index, (key, value) in enumerate(messages)
+        ]
+        outcome = await apply_batch(
+            self.env.sessions,
+            group_id="g",
+            destinations=self.destinations,
+            messages=inbound,
+            expected_offset=self.offset,
+            now=now or datetime.now(UTC),
+            park=self.park,
+        )
+        self.offset = outcome.next_offset
+        return outcome
+
+    async def expire(self, older_than: timedelta = timedelta(0)) -> int:
+        assert self.offset is not None
+        expired = await expire_parked(
+            self.env.sessions,
+            group_id="g",
+            topic=TOPIC,
+            partition=self.number,
+            expected_offset=self.offset,
+            older_than=older_than,
+            dead_letter_topic=self.destinations.dead_letter_topic,
+            now=datetime.now(UTC),
+        )
+        return expired.count
+
+
+async def parked_rows(env: TestEnv) -> list[ParkedEvent]:
+    async with env.sessions() as session:
+        return list((await session.execute(select(ParkedEvent).order_by(ParkedEvent.id))).scalars())
+
+
+async def versions_emitted(env: TestEnv, order_id: uuid.UUID) -> list[tuple[int, str]]:
+    """(order_version, change) of every update of ``order_id`` in the outbox, in id order."""
+    updates = []
+    for row in await outbox_rows(env.sessions, env.settings.outbound_topic):
+        document = decode_json(row.payload)
+        if document["order_id"] == str(order_id):
+            updates.append((document["order_version"], document["change"]))
+    return updates
+
+
+async def dead_letters(env: TestEnv) -> list[dict[str, str]]:
+    return [
+        header_map(row.headers) for row in await outbox_rows(env.sessions, env.settings.dlq_topic)
+    ]
+
+
+async def test_a_payment_before_its_order_waits_and_applies_right_after_it(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    early = await partition.apply(paid(order_id))
+    assert (early.applied, early.parked, early.dead_letters) == (0, {"OrderPaid": 1}, {})
+    [waiting] = await parked_rows(env)
+    assert (waiting.order_id, waiting.event_type, waiting.reason) == (
+        order_id,
+        "OrderPaid",
+        "unknown_order",
+    )
+    assert waiting.offset == 0
+
+    late = await partition.apply(placed(order_id))
+    assert (late.applied, late.released) == (2, {"OrderPaid": 1})
+    order = (await orders_by_id(env.sessions))[order_id]
+    assert (order.status, order.version) == ("paid", 2)
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
+    assert await parked_rows(env) == []
+    assert await dead_letters(env) == []
+
+
+async def test_a_whole_lifecycle_in_reverse_comes_out_in_order_in_one_batch(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    outcome = await Partition(env).apply(
+        delivered(order_id), shipped(order_id), paid(order_id), placed(order_id)
+    )
+    assert outcome.applied == 4
+    assert await versions_emitted(env, order_id) == [
+        (1, "OrderPlaced"),
+        (2, "OrderPaid"),
+        (3, "OrderShipped"),
+        (4, "OrderDelivered"),
+    ]
+    assert await parked_rows(env) == []
+
+
+async def test_parked_events_wait_across_batches_until_each_can_apply(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(placed(order_id))
+    await partition.apply(delivered(order_id))  # needs shipped, which needs paid
+    await partition.apply(shipped(order_id))  # needs paid
+    assert [row.event_type for row in await parked_rows(env)] == ["OrderDelivered", "OrderShipped"]
+    outcome = await partition.apply(paid(order_id))
+    assert outcome.released == {"OrderShipped": 1, "OrderDelivered": 1}
+    assert await versions_emitted(env, order_id) == [
+        (1, "OrderPlaced"),
+        (2, "OrderPaid"),
+        (3, "OrderShipped"),
+        (4, "OrderDelivered"),
+    ]
+
+
+async def test_a_repeat_of_a_parked_event_is_a_duplicate(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    early = paid(order_id)
+    partition = Partition(env)
+    await partition.apply(early)
+    again = await partition.apply(early)
+    assert (again.duplicates, again.parked) == (1, {})
+    await partition.apply(placed(order_id))
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
+    assert (await partition.apply(early)).duplicates == 1  # applied now: still a duplicate
+
+
+async def test_with_parking_off_an_early_event_is_dead_lettered_at_once(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    outcome = await Partition(env, park=False).apply(paid(order_id), placed(order_id))
+    assert (outcome.applied, outcome.parked, dict(outcome.dead_letters)) == (
+        1,
+        {},
+        {"unknown_order": 1},
+    )
+    assert await parked_rows(env) == []
+    [letter] = await dead_letters(env)
+    assert letter["error.reason"] == "unknown_order"
+    assert PARKED_MS_HEADER not in letter
+
+
+async def test_events_that_can_never_apply_are_dead_lettered_at_once_not_parked(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(placed(order_id), cancelled(order_id))
+    outcome = await partition.apply(paid(order_id), placed(order_id), paid(uuid.uuid4(), "1"))
+    # Paid on a cancelled order, a second OrderPlaced: never; a payment for an unknown order
+    # might be early: it waits.
+    assert dict(outcome.dead_letters) == {"invalid_transition": 1, "duplicate_order": 1}
+    assert outcome.parked == {"OrderPaid": 1}
+
+
+async def test_a_parked_event_whose_order_moved_past_it_is_dead_lettered_when_it_did(
+    env: TestEnv,
+) -> None:
+    """OrderShipped waits for OrderPaid; the order is cancelled instead: it can never apply,
+    so it is dead-lettered then (with the reason that now holds), not when it expires."""
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(placed(order_id), shipped(order_id))
+    outcome = await partition.apply(cancelled(order_id))
+    assert dict(outcome.dead_letters) == {"invalid_transition": 1}
+    [letter] = await dead_letters(env)
+    assert letter["error.reason"] == "invalid_transition"
+    assert "parked" in letter["error.message"]
+    assert int(letter[PARKED_MS_HEADER]) >= 0
+    assert (letter["source.partition"], letter["source.offset"]) == ("0", "1")
+    assert await parked_rows(env) == []
+
+
+async def test_an_early_payment_of_the_wrong_amount_is_dead_lettered_when_its_order_comes(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(paid(order_id, amount="10.00"))
+    outcome = await partition.apply(placed(order_id))  # total 25.00
+    assert (outcome.applied, dict(outcome.dead_letters)) == (1, {"amount_mismatch": 1})
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced")]
+
+
+async def test_an_event_parked_too_long_is_dead_lettered_with_the_reason_it_arrived_with(
+    env: TestEnv,
+) -> None:
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(paid(order_id))
+    assert await partition.expire(timedelta(hours=1)) == 0  # not yet
+    async with env.sessions() as session, session.begin():
+        await session.execute(
+            update(ParkedEvent).values(parked_at=datetime.now(UTC) - timedelta(seconds=90))
+        )
+    assert await partition.expire(timedelta(seconds=60)) == 1
+    [letter] = await dead_letters(env)
+    assert letter["error.reason"] == "unknown_order"
+    assert "waited 60 s" in letter["error.message"]
+    assert 90_000 <= int(letter[PARKED_MS_HEADER]) < 120_000
+    assert (letter["source.topic"], letter["source.offset"]) == (TOPIC, "0")
+    assert await parked_rows(env) == []
+    # Its order comes after all: the payment is gone (dead-lettered), the order is new.
+    await partition.apply(placed(order_id))
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced")]
+
+
+async def test_a_member_that_lost_the_partition_expires_nothing(env: TestEnv) -> None:
+    order_id = uuid.uuid4()
+    owner = Partition(env)
+    await owner.apply(paid(order_id))
+    zombie = Partition(env)
+    zombie.offset = owner.offset
+    await owner.apply(shipped(uuid.uuid4()))  # the owner moves on
+    with pytest.raises(OffsetConflict):
+        await zombie.expire()
+    assert len(await parked_rows(env)) == 2
+
+
+async def test_expiry_racing_the_late_event_ends_each_parked_event_exactly_once(
+    env: TestEnv,
+) -> None:
+    """The late OrderPlaced and the expiry of the payment waiting for it, at once, many
+    times: either the payment is applied (version 2) or dead-lettered, never both, never
+    neither."""
+    outcomes: set[str] = set()
+    for round_number in range(20):
+        order_id = uuid.uuid4()
+        partition = Partition(env, number=round_number)
+        await partition.apply(paid(order_id))
+        expected = partition.offset
+        assert expected is not None
+        late = partition.apply(placed(order_id))
+        expiry = expire_parked(
+            env.sessions,
+            group_id="g",
+            topic=TOPIC,
+            partition=round_number,
+            expected_offset=expected,
+            older_than=timedelta(0),
+            dead_letter_topic=env.settings.dlq_topic,
+            now=datetime.now(UTC),
+        )
+        results = await asyncio.gather(late, expiry, return_exceptions=True)
+        versions = await versions_emitted(env, order_id)
+        paid_letters = [
+            letter
+            for letter in await dead_letters(env)
+            if letter["source.partition"] == str(round_number)
+        ]
+        if versions == [(1, "OrderPlaced"), (2, "OrderPaid")]:
+            assert paid_letters == [], results
+            outcomes.add("applied")
+        else:
+            assert versions == [(1, "OrderPlaced")], results
+            assert [letter["error.reason"] for letter in paid_letters] == ["unknown_order"]
+            outcomes.add("expired")
+        assert [row for row in await parked_rows(env) if row.order_id == order_id] == []
+    assert outcomes  # (which one wins is up to the server; both do, over the rounds)
+
+
+async def test_an_operator_can_dead_letter_what_waits_for_one_order(env: TestEnv) -> None:
+    kept, dropped = uuid.uuid4(), uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(paid(kept), paid(dropped), shipped(dropped))
+    expired, matched = await expire_where(
+        env.sessions,
+        dead_letter_topic=env.settings.dlq_topic,
+        order_id=dropped,
+        older_than=timedelta(0),
+        now=datetime.now(UTC),
+        dry_run=True,
+    )
+    assert (expired.count, len(matched)) == (0, 2)
+    assert len(await parked_rows(env)) == 3
+    expired, matched = await expire_where(
+        env.sessions,
+        dead_letter_topic=env.settings.dlq_topic,
+        order_id=dropped,
+        older_than=timedelta(0),
+        now=datetime.now(UTC),
+    )
+    assert expired.expired == {"OrderPaid": 1, "OrderShipped": 1}
+    assert [row.order_id for row in await parked_rows(env)] == [kept]
+    letters = await dead_letters(env)
+    assert [letter["source.offset"] for letter in letters] == ["1", "2"]
+    assert all("orderflow parked expire" in letter["error.message"] for letter in letters)

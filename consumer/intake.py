@@ -222,6 +222,10 @@ class OrderConsumer:
         self.assigned: frozenset[TopicPartition] = frozenset()
         self.stats = ConsumerStats()
 
+    @property
+    def config(self) -> ConsumerConfig:
+        return self._config
+
     def subscribe(self) -> None:
         self._consumer.subscribe([self._config.inbound_topic], listener=self._listener)
 

@@ -27,7 +27,7 @@ from typing import Any, Final
 from sqlalchemy import any_, bindparam, delete, insert, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from consumer.errors import DeadLetterReason, InvalidTransition, RejectedEvent, UnknownOrder
 from consumer.events import InboundEvent, decode_event
@@ -206,6 +206,18 @@ async def due_partitions(
             },
         )
         return sorted(int(partition) for partition in rows.scalars())
+
+
+_SUMMARY: Final = text(
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0) "
+    "FROM parked_events WHERE group_id = :group_id"
+)
+
+
+async def parked_summary(connection: AsyncConnection, group_id: str) -> tuple[int, float]:
+    """(events parked by ``group_id`` now, seconds the oldest of them has waited)."""
+    count, oldest = (await connection.execute(_SUMMARY, {"group_id": group_id})).one()
+    return int(count), float(oldest)
 
 
 async def expire_parked(

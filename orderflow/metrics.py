@@ -48,7 +48,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumer.apply import BatchOutcome
 from consumer.errors import DeadLetterReason
+from consumer.events import EventType
 from consumer.intake import OrderConsumer
+from consumer.parking import Expired, parked_summary
 from outbox.enqueue import SHARD_COUNT
 from outbox.observe import PublishedMessage
 from outbox.relay import Relay
@@ -152,6 +154,30 @@ class ConsumerMetrics(ComponentMetrics):
         self._dead_lettered = {
             reason: dead_lettered.labels(reason.value) for reason in DeadLetterReason
         }
+        self._parked = Counter(
+            "orderflow_events_parked",
+            "Inbound events parked (committed): they could not apply yet, and wait for the "
+            "events of their order they need, by event type.",
+            ["event_type"],
+            registry=registry,
+        )
+        self._released = Counter(
+            "orderflow_events_released",
+            "Parked events applied once the events they needed had (committed), by event type.",
+            ["event_type"],
+            registry=registry,
+        )
+        self._expired = Counter(
+            "orderflow_events_expired",
+            "Parked events dead-lettered after waiting ORDERFLOW_PARK_TIMEOUT_S (committed), "
+            "by event type.",
+            ["event_type"],
+            registry=registry,
+        )
+        for family in (self._parked, self._released, self._expired):
+            for event_type in EventType:
+                family.labels(event_type.value)  # every series exists from the start, at 0
+        self._waiting: tuple[int, float] = (0, 0.0)
         self._batch_size = Histogram(
             "orderflow_consumer_batch_size",
             "Records per committed transaction (one partition's records, in offset order).",
@@ -187,8 +213,18 @@ class ConsumerMetrics(ComponentMetrics):
             self._duplicates.inc(outcome.duplicates)
         for reason, count in outcome.dead_letters.items():
             self._dead_lettered[reason].inc(count)
+        for event_type, count in outcome.parked.items():
+            self._parked.labels(event_type).inc(count)
+        for event_type, count in outcome.released.items():
+            self._released.labels(event_type).inc(count)
         self._batch_size.observe(size)
         self._transaction.observe(seconds)
+
+    def parked_expired(self, outcome: Expired) -> None:
+        for event_type, count in outcome.expired.items():
+            self._expired.labels(event_type).inc(count)
+        for reason, count in outcome.dead_letters.items():
+            self._dead_lettered[reason].inc(count)
 
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
         self._assignment = frozenset(partitions)
@@ -216,10 +252,13 @@ class ConsumerMetrics(ComponentMetrics):
         return Serving("partitions", True, f"{len(self._assignment)} assigned")
 
     async def refresh(self, database: AsyncEngine) -> None:
-        """Lag per partition: the broker's end offset minus the next offset to apply."""
+        """Lag per partition: the broker's end offset minus the next offset to apply; and
+        the group's parked events (every member reports the same table)."""
         consumer, kafka = self._consumer, self._kafka
         if consumer is None or kafka is None:
             return
+        async with database.connect() as connection:
+            self._waiting = await parked_summary(connection, consumer.config.group_id)
         assigned = list(kafka.assignment())
         if not assigned:
             self._lag = {}
@@ -275,6 +314,18 @@ class ConsumerMetrics(ComponentMetrics):
         for (topic, partition), value in sorted(self._lag.items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
+        waiting, oldest = self._waiting
+        yield GaugeMetricFamily(
+            "orderflow_parked_events",
+            "Inbound events of this consumer group parked now, waiting for earlier events "
+            "of their orders (refreshed every few seconds; every member reports the same).",
+            value=waiting,
+        )
+        yield GaugeMetricFamily(
+            "orderflow_parked_oldest_age_seconds",
+            "How long the oldest parked event of this consumer group has waited (0: none).",
+            value=oldest,
+        )
         stats = self._consumer.stats if self._consumer is not None else None
         yield CounterMetricFamily(
             "orderflow_consumer_transient_retries",

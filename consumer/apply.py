@@ -177,16 +177,18 @@ async def apply_batch(
             if item.event_id in seen:
                 outcome.duplicates += 1
                 continue
-            seen.add(item.event_id)
             current = batch.states.get(item.order_id)
             try:
                 state = transition(current, item, at=now)
             except RejectedEvent as error:
                 if park and isinstance(error, PARKABLE) and can_apply_later(current, item):
+                    seen.add(item.event_id)  # a repeat while it waits is a duplicate
                     batch.park(Parked(message, item, error, parked_at=now))
                 else:
+                    # Nothing of it is kept: the same event_id, corrected, may follow.
                     batch.reject(message, error, item)
                 continue
+            seen.add(item.event_id)
             batch.apply(message, item, state)
             batch.release(item.order_id)
 

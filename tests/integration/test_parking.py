@@ -15,7 +15,7 @@ from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_bat
 from consumer.errors import OffsetConflict
 from consumer.models import ParkedEvent
 from consumer.parking import PARKED_MS_HEADER, expire_parked, expire_where
-from tests.events import Message, cancelled, delivered, paid, placed, shipped
+from tests.events import Message, cancelled, delivered, event, paid, placed, shipped
 from tests.helpers import TestEnv, decode_json, header_map, orders_by_id, outbox_rows
 
 pytestmark = pytest.mark.integration
@@ -315,3 +315,24 @@ async def test_an_operator_can_dead_letter_what_waits_for_one_order(env: TestEnv
     letters = await dead_letters(env)
     assert [letter["source.offset"] for letter in letters] == ["1", "2"]
     assert all("orderflow parked expire" in letter["error.message"] for letter in letters)
+
+
+@pytest.mark.parametrize("park", [True, False])
+async def test_a_rejected_event_corrected_with_the_same_event_id_in_the_same_batch_applies(
+    env: TestEnv, park: bool
+) -> None:
+    """A dead-lettered event leaves nothing behind: its corrected copy, same event_id,
+    applies, even right behind it in one batch (only applied and parked ids are seen)."""
+    order_id = uuid.uuid4()
+    event_id = str(uuid.uuid4())
+    partition = Partition(env, park=park)
+    await partition.apply(placed(order_id))
+    wrong = event("OrderPaid", order_id, {"payment_id": "p", "amount": "1.00"}, event_id=event_id)
+    right = event("OrderPaid", order_id, {"payment_id": "p", "amount": "25.00"}, event_id=event_id)
+    outcome = await partition.apply(wrong, right)
+    assert (outcome.applied, dict(outcome.dead_letters), outcome.duplicates) == (
+        1,
+        {"amount_mismatch": 1},
+        0,
+    )
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]

@@ -22,11 +22,11 @@ from aiokafka.record.memory_records import MemoryRecords
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from consumer.errors import RejectedEvent
-from consumer.events import decode_event
+from consumer.errors import InvalidTransition, RejectedEvent, UnknownOrder
+from consumer.events import InboundEvent, decode_event
 from consumer.intake import OrderConsumer
 from consumer.models import Order, ProcessedEvent
-from consumer.state_machine import OrderState, transition
+from consumer.state_machine import OrderState, can_apply_later, transition
 from orderflow.services import run_consumer, run_relay
 from orderflow.settings import Settings
 from outbox.models import OutboxRecord
@@ -278,13 +278,56 @@ class Expected:
     dead_letters: Counter[str] = field(default_factory=Counter)
     #: (order id, version) of every update, in per-order order.
     updates: dict[uuid.UUID, list[int]] = field(default_factory=dict)
+    #: With parking: events parked, released (applied later), expired at the end.
+    parked: int = 0
+    released: int = 0
+    expired: int = 0
 
 
-def expected_outcome(messages: Iterable[tuple[bytes | None, bytes | None]]) -> Expected:
-    """Replay ``messages`` (in per-key order) through decode + transition: the exact end state."""
+def expected_outcome(
+    messages: Iterable[tuple[bytes | None, bytes | None]], *, park: bool = False
+) -> Expected:
+    """Replay ``messages`` (in per-key order) through decode + transition: the exact end state.
+
+    With ``park``, as the contract's "Resequencing and parking" says: an event that can't
+    apply yet waits, and is applied right after the event it needed (the earliest arrival
+    first, until none applies); one that can never apply any more is dead-lettered then;
+    what still waits at the end is dead-lettered when it expires, with the reason it
+    arrived with (``expired`` counts those).
+    """
     expected = Expected()
     seen: set[uuid.UUID] = set()
+    waiting: dict[uuid.UUID, list[tuple[InboundEvent, RejectedEvent]]] = {}
     now = datetime.now(UTC)
+
+    def apply(event: InboundEvent, state: OrderState) -> None:
+        expected.orders[event.order_id] = state
+        expected.applied.append(event.event_id)
+        expected.updates.setdefault(event.order_id, []).append(state.version)
+
+    def release(order_id: uuid.UUID) -> None:
+        queue = waiting.get(order_id, [])
+        progressed = True
+        while progressed:
+            progressed = False
+            for item in queue:
+                parked, _ = item
+                current = expected.orders.get(order_id)
+                try:
+                    state = transition(current, parked, at=now)
+                except RejectedEvent as error:
+                    if can_apply_later(current, parked):
+                        continue
+                    queue.remove(item)
+                    expected.dead_letters[error.reason.value] += 1
+                    progressed = True
+                    break
+                queue.remove(item)
+                expected.released += 1
+                apply(parked, state)
+                progressed = True
+                break
+
     for key, value in messages:
         try:
             event = decode_event(key, value)
@@ -294,15 +337,28 @@ def expected_outcome(messages: Iterable[tuple[bytes | None, bytes | None]]) -> E
         if event.event_id in seen:
             expected.duplicates += 1
             continue
+        current = expected.orders.get(event.order_id)
         try:
-            state = transition(expected.orders.get(event.order_id), event, at=now)
+            state = transition(current, event, at=now)
         except RejectedEvent as error:
+            if (
+                park
+                and isinstance(error, UnknownOrder | InvalidTransition)
+                and can_apply_later(current, event)
+            ):
+                seen.add(event.event_id)
+                waiting.setdefault(event.order_id, []).append((event, error))
+                expected.parked += 1
+                continue
             expected.dead_letters[error.reason.value] += 1
             continue
         seen.add(event.event_id)
-        expected.orders[event.order_id] = state
-        expected.applied.append(event.event_id)
-        expected.updates.setdefault(event.order_id, []).append(state.version)
+        apply(event, state)
+        release(event.order_id)
+    for queue in waiting.values():
+        for _, error in queue:
+            expected.dead_letters[error.reason.value] += 1
+            expected.expired += 1
     return expected
 
 

@@ -5,7 +5,9 @@ applied right after them in arrival order, and end applied or dead-lettered exac
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +18,15 @@ from consumer.errors import OffsetConflict
 from consumer.models import ParkedEvent
 from consumer.parking import PARKED_MS_HEADER, expire_parked, expire_where
 from tests.events import Message, cancelled, delivered, event, paid, placed, shipped
-from tests.helpers import TestEnv, decode_json, header_map, orders_by_id, outbox_rows
+from tests.helpers import (
+    Expected,
+    TestEnv,
+    decode_json,
+    expected_outcome,
+    header_map,
+    orders_by_id,
+    outbox_rows,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -336,3 +346,111 @@ async def test_a_rejected_event_corrected_with_the_same_event_id_in_the_same_bat
         0,
     )
     assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
+
+
+def lifecycles(rng: random.Random, orders: int, *, cancellations: bool) -> list[list[Message]]:
+    """Each order's events, in business order: placed, paid, shipped, delivered; with
+    ``cancellations``, some are cancelled on the way instead."""
+    result = []
+    for _ in range(orders):
+        order_id = uuid.uuid4()
+        events = [placed(order_id), paid(order_id), shipped(order_id), delivered(order_id)]
+        fate = rng.random() if cancellations else 1.0
+        if fate < 0.2:
+            events = [placed(order_id), cancelled(order_id)]
+        elif fate < 0.4:
+            events = [placed(order_id), paid(order_id), cancelled(order_id)]
+        result.append(events)
+    return result
+
+
+def shuffled(rng: random.Random, orders: list[list[Message]]) -> list[Message]:
+    """Every order's events in a random order, the orders interleaved at random."""
+    queues = [rng.sample(events, len(events)) for events in orders]
+    stream: list[Message] = []
+    while queues:
+        queue = rng.choice(queues)
+        stream.append(queue.pop(0))
+        if not queue:
+            queues.remove(queue)
+    return stream
+
+
+async def feed(partition: Partition, rng: random.Random, stream: list[Message]) -> None:
+    """``stream`` in batches of random sizes."""
+    position = 0
+    while position < len(stream):
+        size = rng.randint(1, 12)
+        await partition.apply(*stream[position : position + size])
+        position += size
+
+
+async def assert_outcome(env: TestEnv, expected: Expected) -> None:
+    final = await orders_by_id(env.sessions)
+    assert {order_id: (order.status, order.version) for order_id, order in final.items()} == {
+        order_id: (state.status.value, state.version) for order_id, state in expected.orders.items()
+    }
+    for order_id, versions in expected.updates.items():
+        assert [version for version, _ in await versions_emitted(env, order_id)] == versions
+    reasons = Counter(letter["error.reason"] for letter in await dead_letters(env))
+    assert reasons == expected.dead_letters
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_shuffled_lifecycles_end_as_if_they_had_come_in_order(
+    env: TestEnv, seed: int
+) -> None:
+    """Many orders, each order's events (placed, paid, shipped, delivered) in a random
+    order, some repeated, fed in batches of random sizes: every order ends delivered at
+    version 4, its updates are versions 1, 2, 3, 4 in order, nothing is dead-lettered and
+    nothing waits."""
+    rng = random.Random(seed)
+    orders = lifecycles(rng, 40, cancellations=False)
+    stream = shuffled(rng, orders)
+    stream += rng.sample(stream, 10)  # repeats
+    in_order = expected_outcome([event for events in orders for event in events])
+    assert expected_outcome(stream, park=True).parked > 0
+    await feed(Partition(env), rng, stream)
+    await assert_outcome(env, in_order)
+    assert await parked_rows(env) == []
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+async def test_shuffled_lifecycles_with_cancellations_end_as_the_contract_says(
+    env: TestEnv, seed: int
+) -> None:
+    """With cancellations the order of arrival can matter (a cancellation that overtakes
+    a payment applies to a pending order, and the payment can then never apply): the end
+    state, each order's versions and the dead letters are exactly the contract's, and
+    what still waits at the end expires with the reason it arrived with."""
+    rng = random.Random(seed)
+    stream = shuffled(rng, lifecycles(rng, 40, cancellations=True))
+    stream += rng.sample(stream, 10)
+    expected = expected_outcome(stream, park=True)
+    partition = Partition(env)
+    await feed(partition, rng, stream)
+    assert len(await parked_rows(env)) == expected.expired
+    await partition.expire()
+    await assert_outcome(env, expected)
+    assert await parked_rows(env) == []
+
+
+async def test_a_poison_event_in_the_middle_holds_its_order_until_it_is_fixed(
+    env: TestEnv,
+) -> None:
+    """The order's OrderPlaced is malformed (dead-lettered); its later events wait. The
+    fixed OrderPlaced, sent again, releases them all, in order."""
+    order_id = uuid.uuid4()
+    partition = Partition(env)
+    broken = event("OrderPlaced", order_id, {"currency": "EUR"})  # no customer, no lines
+    await partition.apply(broken, paid(order_id), shipped(order_id))
+    assert [row.event_type for row in await parked_rows(env)] == ["OrderPaid", "OrderShipped"]
+    [letter] = await dead_letters(env)
+    assert letter["error.reason"] == "schema_violation"
+    outcome = await partition.apply(placed(order_id))  # the redriven, fixed event
+    assert outcome.released == {"OrderPaid": 1, "OrderShipped": 1}
+    assert await versions_emitted(env, order_id) == [
+        (1, "OrderPlaced"),
+        (2, "OrderPaid"),
+        (3, "OrderShipped"),
+    ]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow import cli_backfill, cli_contracts, cli_observe, logs
+from orderflow import cli_backfill, cli_contracts, cli_observe
 from orderflow.cli_support import (
     BootstrapServers,
     DatabaseUrl,
@@ -19,7 +19,8 @@ from orderflow.cli_support import (
     load_settings,
     run,
 )
-from orderflow.settings import redacted
+from orderflow.runtime import logs
+from orderflow.runtime.settings import redacted
 
 MetricsPort = Annotated[
     int | None,
@@ -61,8 +62,8 @@ def migrate(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> N
     settings = load_settings(database_url=database_url)
 
     async def main() -> None:
-        from orderflow.migrate import head_revision, upgrade_async
-        from orderflow.wiring import check_database, create_engine
+        from orderflow.runtime.migrate import head_revision, upgrade_async
+        from orderflow.runtime.wiring import check_database, create_engine
 
         engine = create_engine(settings, pool_size=1)
         try:
@@ -124,8 +125,8 @@ def consume(
     )
 
     async def main() -> None:
-        from orderflow.services import run_consumer
-        from orderflow.signals import stop_on_signals
+        from orderflow.runtime.services import run_consumer
+        from orderflow.runtime.signals import stop_on_signals
 
         stop = asyncio.Event()
         with stop_on_signals(stop):
@@ -165,8 +166,8 @@ def relay(
     )
 
     async def main() -> None:
-        from orderflow.services import run_relay
-        from orderflow.signals import stop_on_signals
+        from orderflow.runtime.services import run_relay
+        from orderflow.runtime.signals import stop_on_signals
 
         stop = asyncio.Event()
         with stop_on_signals(stop):
@@ -219,7 +220,7 @@ def topics_create(
     )
 
     async def main() -> None:
-        from orderflow.topics import ensure_topics
+        from orderflow.runtime.topics import ensure_topics
 
         created = await ensure_topics(
             settings, partitions=partitions, replication_factor=replication_factor
@@ -239,7 +240,7 @@ def outbox_stats_command(
     settings = load_settings(database_url=database_url)
 
     async def main() -> None:
-        from orderflow.wiring import check_database, create_engine
+        from orderflow.runtime.wiring import check_database, create_engine
         from outbox.stats import outbox_stats
 
         engine = create_engine(settings, pool_size=1)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 import typer
 
-from orderflow import logs
 from orderflow.cli_support import (
     BootstrapServers,
     DatabaseUrl,
@@ -25,6 +24,7 @@ from orderflow.cli_support import (
     load_settings,
     run,
 )
+from orderflow.runtime import logs
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from consumer.snapshots import SnapshotBatch
     from orderflow.dlq import DeadLetter, DeadLetterFilter
-    from orderflow.settings import Settings
+    from orderflow.runtime.settings import Settings
 
 backfill_app = typer.Typer(
     help=(
@@ -156,7 +156,7 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    from orderflow.signals import stop_on_signals
+    from orderflow.runtime.signals import stop_on_signals
 
     with stop_on_signals(stop):
         yield
@@ -165,7 +165,7 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def _database(settings: Settings, *, pool_size: int) -> AsyncIterator[AsyncEngine]:
     """A command's engine: the database and its schema checked first, disposed at the end."""
-    from orderflow.wiring import check_database, create_engine
+    from orderflow.runtime.wiring import check_database, create_engine
 
     engine = create_engine(settings, pool_size=pool_size)
     try:
@@ -293,8 +293,8 @@ def backfill_snapshots_command(
             SnapshotRequest,
             backfill_snapshots,
         )
+        from orderflow.runtime.wiring import session_factory
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import session_factory
 
         request = SnapshotRequest(
             topic=settings.outbound_topic,
@@ -382,7 +382,7 @@ def backfill_runs_command(
         import orjson
 
         from consumer.snapshots import list_runs
-        from orderflow.wiring import session_factory
+        from orderflow.runtime.wiring import session_factory
 
         async with (
             _database(settings, pool_size=1) as engine,
@@ -522,8 +522,8 @@ def replay_outbox_command(
             replay_outbox,
             stop_client,
         )
+        from orderflow.runtime.wiring import create_producer, session_factory, start_kafka_client
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import create_producer, session_factory, start_kafka_client
 
         request = OutboxReplayRequest(
             since=since_at,
@@ -818,8 +818,8 @@ def dlq_list_command(
 
         from orderflow.dlq import DeadLetterScan
         from orderflow.replay import ReplayError, create_reader, stop_client
+        from orderflow.runtime.wiring import start_kafka_client
         from orderflow.tooling import progress_bar
-        from orderflow.wiring import start_kafka_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)
@@ -919,8 +919,8 @@ def dlq_redrive_command(
 
         from orderflow.dlq import DeadLetterScan, redrive
         from orderflow.replay import ReplayError, create_reader, stop_client
+        from orderflow.runtime.wiring import create_producer, start_kafka_client
         from orderflow.tooling import Summary, progress_bar
-        from orderflow.wiring import create_producer, start_kafka_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)

@@ -18,7 +18,7 @@ from aiokafka import ConsumerRecord
 from rich.console import Console
 
 from consumer.errors import RejectedEvent
-from orderflow import contracts, logs
+from orderflow import contracts
 from orderflow.cli_support import (
     BootstrapServers,
     InboundTopic,
@@ -28,8 +28,9 @@ from orderflow.cli_support import (
     load_settings,
     run,
 )
-from orderflow.settings import Settings
-from orderflow.signals import stop_on_signals
+from orderflow.runtime import logs
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.signals import stop_on_signals
 from orderflow.subscriber import Outcome, Subscriber, Verdict, follow
 from orderflow.tooling import Summary, progress_bar
 from orderflow.upstream import (

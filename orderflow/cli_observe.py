@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from orderflow import logs
 from orderflow.cli_support import DatabaseUrl, LogLevel, load_settings, run
-from orderflow.settings import redacted
+from orderflow.runtime import logs
+from orderflow.runtime.settings import redacted
 
 log = logging.getLogger("orderflow")
 
@@ -75,8 +75,8 @@ def api(
         import uvicorn
 
         from orderflow.api import create_app
-        from orderflow.signals import stop_on_signals
-        from orderflow.wiring import StartupError, check_database, create_engine
+        from orderflow.runtime.signals import stop_on_signals
+        from orderflow.runtime.wiring import StartupError, check_database, create_engine
 
         engine = create_engine(settings, pool_size=1)
         try:
@@ -89,7 +89,7 @@ def api(
             create_app(settings),
             host=host,
             port=port,
-            log_config=None,  # our logging (orderflow.logs) formats uvicorn's lines too
+            log_config=None,  # our logging (orderflow.runtime.logs) formats uvicorn's lines too
             access_log=access_log,
             server_header=False,
             timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_SECONDS),
@@ -133,7 +133,7 @@ def api(
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket for ``host:port``, or a one-line start-up error naming them."""
-    from orderflow.wiring import StartupError
+    from orderflow.runtime.wiring import StartupError
 
     where = _where(host, port)
     try:

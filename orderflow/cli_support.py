@@ -9,8 +9,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from orderflow.settings import Settings, SettingsError
-from orderflow.wiring import ServiceError, StartupError
+from orderflow.runtime.settings import Settings, SettingsError
+from orderflow.runtime.wiring import ServiceError, StartupError
 
 DatabaseUrl = Annotated[
     str | None,

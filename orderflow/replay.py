@@ -42,10 +42,10 @@ from consumer.errors import RejectedEvent
 from consumer.events import decode_event
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, ProcessedEvent
-from orderflow.services import consumer_config
-from orderflow.settings import Settings
+from orderflow.runtime.services import consumer_config
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import kafka_common, session_factory, start_kafka_client
 from orderflow.tooling import RateLimiter
-from orderflow.wiring import kafka_common, session_factory, start_kafka_client
 from outbox.models import OutboxRecord
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]

@@ -27,8 +27,8 @@ from consumer.events import decode_event
 from consumer.intake import OrderConsumer
 from consumer.models import Order, ProcessedEvent
 from consumer.state_machine import OrderState, transition
-from orderflow.services import run_consumer, run_relay
-from orderflow.settings import Settings
+from orderflow.runtime.services import run_consumer, run_relay
+from orderflow.runtime.settings import Settings
 from outbox.models import OutboxRecord
 from outbox.relay import Relay
 

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from orderflow.embedded import EmbeddedKafka, free_port
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
 from outbox import OutboxMessage, add_messages
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process

@@ -20,8 +20,8 @@ from consumer.errors import OffsetConflict
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
 from consumer.observe import ConsumerObserver
+from orderflow.runtime.services import run_consumer
 from orderflow.samples import SampleStream
-from orderflow.services import run_consumer
 from tests.events import cancelled, delivered, key, paid, placed, shipped
 from tests.helpers import (
     Expected,

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from consumer.errors import DeadLetterReason
 from orderflow.embedded import free_port
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 from outbox import OutboxMessage, add_messages
 from outbox.enqueue import SHARD_COUNT
 from outbox.relay import ADVISORY_LOCK_NAMESPACE

@@ -24,9 +24,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from orderflow.embedded import EmbeddedPostgres
-from orderflow.migrate import upgrade
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
+from orderflow.runtime.migrate import upgrade
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
 from outbox.relay import RelayConfig
 from tests.relay_harness import Harness, harness_for, kafka_for, run_schedules
 from tests.services import Services

@@ -27,9 +27,9 @@ from orderflow.replay import (
     replay_outbox,
     replay_topic,
 )
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_producer
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_producer
 from tests.e2e.processes import process_env
 from tests.events import Message, paid, placed, shipped
 from tests.helpers import (

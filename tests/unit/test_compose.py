@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 import orderflow.cli
 from orderflow.api import METRICS_PATH, ApiMetrics
-from orderflow.metrics import ConsumerMetrics, RelayMetrics
+from orderflow.runtime.metrics import ConsumerMetrics, RelayMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -20,14 +20,14 @@ import orderflow.cli
 from consumer.apply import BatchOutcome
 from consumer.errors import DeadLetterReason
 from consumer.observe import ConsumerObserver
-from orderflow.health import _BadRequest, _read_request, describe_error, listen_port
-from orderflow.metrics import (
+from orderflow.runtime.health import _BadRequest, _read_request, describe_error, listen_port
+from orderflow.runtime.metrics import (
     PUBLISH_LATENCY_BUCKETS,
     ConsumerMetrics,
     RelayMetrics,
     _LatencyHistogram,
 )
-from orderflow.settings import Settings, SettingsError
+from orderflow.runtime.settings import Settings, SettingsError
 from outbox.observe import RelayObserver
 
 

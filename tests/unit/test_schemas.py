@@ -33,8 +33,8 @@ from consumer.state_machine import transition
 from consumer.updates import SNAPSHOT_CHANGE, build_update, update_event_id
 from orderflow import contracts
 from orderflow.cli import app
+from orderflow.runtime.settings import Settings
 from orderflow.samples import SampleStream
-from orderflow.settings import Settings
 from tests import events
 
 ROOT = Path(__file__).resolve().parents[2]

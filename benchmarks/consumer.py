@@ -62,7 +62,7 @@ from orderflow.runtime.services import run_consumer
 from orderflow.runtime.settings import Settings, async_database_url
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_consumer, create_producer
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
 
 SEED = 20260101

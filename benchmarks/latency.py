@@ -83,7 +83,7 @@ from benchmarks.support import (
 from orderflow.runtime.services import run_consumer, run_relay
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 
 T = TypeVar("T")
 SEED = 20260102

@@ -105,7 +105,7 @@ from orderflow.runtime.services import relay_config
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_engine, create_producer
-from orderflow.samples import CUSTOMERS, PRODUCTS
+from orderflow.tools.samples import CUSTOMERS, PRODUCTS
 from outbox.enqueue import shard_of
 from outbox.relay import Relay
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from consumer.snapshots import SnapshotBatch
-    from orderflow.dlq import DeadLetter, DeadLetterFilter
     from orderflow.runtime.settings import Settings
+    from orderflow.tools.dlq import DeadLetter, DeadLetterFilter
 
 backfill_app = typer.Typer(
     help=(
@@ -287,14 +287,14 @@ def backfill_snapshots_command(
     settings = load_settings(database_url=database_url, outbound_topic=outbound_topic)
 
     async def main() -> None:
-        from orderflow.backfill import (
+        from orderflow.runtime.wiring import session_factory
+        from orderflow.tools.backfill import (
             AlreadyFinished,
             SnapshotOutcome,
             SnapshotRequest,
             backfill_snapshots,
         )
-        from orderflow.runtime.wiring import session_factory
-        from orderflow.tooling import Summary, progress_bar
+        from orderflow.tools.progress import Summary, progress_bar
 
         request = SnapshotRequest(
             topic=settings.outbound_topic,
@@ -516,14 +516,14 @@ def replay_outbox_command(
     async def main() -> None:
         from aiokafka import AIOKafkaProducer
 
-        from orderflow.replay import (
+        from orderflow.runtime.wiring import create_producer, session_factory, start_kafka_client
+        from orderflow.tools.progress import Summary, progress_bar
+        from orderflow.tools.replay import (
             OutboxReplayOutcome,
             OutboxReplayRequest,
             replay_outbox,
             stop_client,
         )
-        from orderflow.runtime.wiring import create_producer, session_factory, start_kafka_client
-        from orderflow.tooling import Summary, progress_bar
 
         request = OutboxReplayRequest(
             since=since_at,
@@ -665,13 +665,13 @@ def replay_topic_command(
     )
 
     async def main() -> None:
-        from orderflow.replay import (
+        from orderflow.tools.progress import Summary, progress_bar
+        from orderflow.tools.replay import (
             ReplayError,
             TopicReplayOutcome,
             TopicReplayRequest,
             replay_topic,
         )
-        from orderflow.tooling import Summary, progress_bar
 
         settings.require_kafka()
         replay_group = group or f"{settings.consumer_group}.replay"
@@ -771,7 +771,7 @@ At = Annotated[
 def _dead_letter_filter(
     reason: list[str] | None, since: str | None, at: list[str] | None
 ) -> DeadLetterFilter:
-    from orderflow.dlq import DeadLetterFilter
+    from orderflow.tools.dlq import DeadLetterFilter
 
     since_at, _ = _optional_time(since, "--since")
     return DeadLetterFilter(
@@ -816,10 +816,10 @@ def dlq_list_command(
 
         import orjson
 
-        from orderflow.dlq import DeadLetterScan
-        from orderflow.replay import ReplayError, create_reader, stop_client
         from orderflow.runtime.wiring import start_kafka_client
-        from orderflow.tooling import progress_bar
+        from orderflow.tools.dlq import DeadLetterScan
+        from orderflow.tools.progress import progress_bar
+        from orderflow.tools.replay import ReplayError, create_reader, stop_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)
@@ -917,10 +917,10 @@ def dlq_redrive_command(
     async def main() -> None:
         from aiokafka import AIOKafkaProducer
 
-        from orderflow.dlq import DeadLetterScan, redrive
-        from orderflow.replay import ReplayError, create_reader, stop_client
         from orderflow.runtime.wiring import create_producer, start_kafka_client
-        from orderflow.tooling import Summary, progress_bar
+        from orderflow.tools.dlq import DeadLetterScan, redrive
+        from orderflow.tools.progress import Summary, progress_bar
+        from orderflow.tools.replay import ReplayError, create_reader, stop_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)

@@ -32,8 +32,8 @@ from orderflow.runtime import logs
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.signals import stop_on_signals
 from orderflow.subscriber import Outcome, Subscriber, Verdict, follow
-from orderflow.tooling import Summary, progress_bar
-from orderflow.upstream import (
+from orderflow.tools.progress import Summary, progress_bar
+from orderflow.tools.upstream import (
     Publisher,
     PublishFailed,
     Rejection,

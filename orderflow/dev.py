@@ -32,7 +32,7 @@ from orderflow.runtime.settings import Settings
 from orderflow.runtime.signals import stop_on_signals
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_engine, session_factory
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from outbox.relay import Relay
 
 #: Tansu holds each consumer-group join for half the session timeout: keep it short here.

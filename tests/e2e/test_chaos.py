@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 
 from consumer.models import ConsumerOffset, Order, ProcessedEvent
 from orderflow.runtime.settings import Settings
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.helpers import Expected, TestEnv, decode_json, expected_outcome, header_map

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from consumer.models import ProcessedEvent
 from orderflow.runtime.settings import Settings
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from tests.e2e.processes import ORDERFLOW, Process, Start, process_env
 from tests.helpers import (
     Expected,

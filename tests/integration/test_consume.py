@@ -21,7 +21,7 @@ from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
 from consumer.observe import ConsumerObserver
 from orderflow.runtime.services import run_consumer
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from tests.events import cancelled, delivered, key, paid, placed, shipped
 from tests.helpers import (
     Expected,

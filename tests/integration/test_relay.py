@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from orderflow.runtime import services
 from orderflow.runtime.services import run_relay
 from orderflow.runtime.wiring import ServiceError, create_engine, create_producer
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from outbox import OutboxMessage, add_messages, shard_of
 from outbox.enqueue import SHARD_COUNT
 from outbox.relay import ADVISORY_LOCK_NAMESPACE, ProducerBroken, Relay, RelayConfig

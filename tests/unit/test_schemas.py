@@ -34,7 +34,7 @@ from consumer.updates import SNAPSHOT_CHANGE, build_update, update_event_id
 from orderflow import contracts
 from orderflow.cli import app
 from orderflow.runtime.settings import Settings
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from tests import events
 
 ROOT = Path(__file__).resolve().parents[2]

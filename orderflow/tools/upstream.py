@@ -29,8 +29,8 @@ from consumer.errors import RejectedEvent, SchemaViolation
 from consumer.events import EventType, InboundEvent, decode_event
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.wiring import StartupError, create_producer, start_kafka_client
-from orderflow.samples import SampleMessage, SampleStream
-from orderflow.tooling import RateLimiter
+from orderflow.tools.progress import RateLimiter
+from orderflow.tools.samples import SampleMessage, SampleStream
 
 #: Sends awaiting the broker's ack at most; bounds memory on a file of any size.
 MAX_IN_FLIGHT: Final = 2000

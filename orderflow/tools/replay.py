@@ -45,7 +45,7 @@ from consumer.models import ConsumerOffset, ProcessedEvent
 from orderflow.runtime.services import consumer_config
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.wiring import kafka_common, session_factory, start_kafka_client
-from orderflow.tooling import RateLimiter
+from orderflow.tools.progress import RateLimiter
 from outbox.models import OutboxRecord
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]

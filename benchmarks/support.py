@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
 from orderflow.runtime.migrate import upgrade
 from orderflow.runtime.settings import async_database_url, redacted
 

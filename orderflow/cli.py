@@ -197,7 +197,7 @@ def dev(
     messages) and shows what flows. Ctrl-C stops everything and leaves no process behind.
     """
     logs.configure(log_level)
-    from orderflow.dev import run_dev
+    from orderflow.devstand.dev import run_dev
 
     run(run_dev(partitions=partitions, rate=rate, duration=duration))
 

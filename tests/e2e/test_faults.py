@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, func, select
 
-from orderflow.embedded import EmbeddedKafka, free_port
+from orderflow.devstand.embedded import EmbeddedKafka, free_port
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from outbox import OutboxMessage, add_messages

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
 from orderflow.runtime.migrate import upgrade
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics

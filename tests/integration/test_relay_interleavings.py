@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from orderflow.embedded import EmbeddedPostgres
+from orderflow.devstand.embedded import EmbeddedPostgres
 from orderflow.runtime.migrate import upgrade
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumer.intake import OrderConsumer
 from consumer.models import Order
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
 from orderflow.runtime.migrate import upgrade_async
 from orderflow.runtime.services import run_consumer, run_relay
 from orderflow.runtime.settings import Settings

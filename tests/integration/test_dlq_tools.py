@@ -13,7 +13,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from orderflow.cli import app
+from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.wiring import create_producer
 from orderflow.tools.dlq import REDRIVE_HEADER, DeadLetterFilter, DeadLetterScan, redrive

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from consumer.apply import Destinations, InboundMessage, apply_batch
 from consumer.models import ConsumerOffset, Order
-from orderflow.cli import app
+from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_producer

@@ -32,7 +32,7 @@ from consumer.events import EventType, decode_event
 from consumer.state_machine import transition
 from consumer.updates import SNAPSHOT_CHANGE, build_update, update_event_id
 from orderflow import contracts
-from orderflow.cli import app
+from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.tools.samples import SampleStream
 from tests import events

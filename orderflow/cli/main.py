@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from orderflow import cli_backfill, cli_contracts, cli_observe
-from orderflow.cli_support import (
+from orderflow.cli import backfill, observe, teams
+from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
     DlqTopic,
@@ -287,7 +287,7 @@ def outbox_stats_command(
     run(main())
 
 
-for _module in (cli_backfill, cli_contracts, cli_observe):
+for _module in (backfill, teams, observe):
     _module.register(app)
 
 

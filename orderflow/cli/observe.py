@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli_support import DatabaseUrl, LogLevel, load_settings, run
+from orderflow.cli.support import DatabaseUrl, LogLevel, load_settings, run
 from orderflow.runtime import logs
 from orderflow.runtime.settings import redacted
 

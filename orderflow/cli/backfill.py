@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 import typer
 
-from orderflow.cli_support import (
+from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
     DlqTopic,

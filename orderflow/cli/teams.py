@@ -19,7 +19,7 @@ from rich.console import Console
 
 from consumer.errors import RejectedEvent
 from orderflow import contracts
-from orderflow.cli_support import (
+from orderflow.cli.support import (
     BootstrapServers,
     InboundTopic,
     LogLevel,

@@ -2,7 +2,7 @@
 
 ``consume``, ``relay`` and ``api`` are the production processes; ``migrate`` and ``topics
 create`` prepare what they need; ``dev`` runs them all on one machine. The other command
-families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.teams`, ...) add themselves
+families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.dlq`, ...) add themselves
 to :data:`app` through their ``register``.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli import backfill, observe, teams
+from orderflow.cli import backfill, dlq, observe, replay, teams
 from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
@@ -379,7 +379,7 @@ def _where(host: str, port: int) -> str:
 # `orderflow --help` lists the commands in the order they are added (migrate, consume, relay
 # and dev above, then import, publish, loadgen and tail, then api), followed by the groups
 # in theirs (topics above, then outbox, backfill, replay, dlq and schemas).
-for _module in (observe, backfill, teams):
+for _module in (observe, backfill, replay, dlq, teams):
     _module.register(app)
 app.command()(api)
 

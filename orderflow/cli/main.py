@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli import backfill, dlq, observe, replay, teams
+from orderflow.cli import backfill, dlq, observe, replay, schemas, teams
 from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
@@ -379,7 +379,7 @@ def _where(host: str, port: int) -> str:
 # `orderflow --help` lists the commands in the order they are added (migrate, consume, relay
 # and dev above, then import, publish, loadgen and tail, then api), followed by the groups
 # in theirs (topics above, then outbox, backfill, replay, dlq and schemas).
-for _module in (observe, backfill, replay, dlq, teams):
+for _module in (observe, backfill, replay, dlq, teams, schemas):
     _module.register(app)
 app.command()(api)
 

@@ -38,6 +38,7 @@ from sqlalchemy import ColumnElement, delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from consumer.bulk import execute_bulk
 from consumer.errors import RejectedEvent
 from consumer.events import decode_event
 from consumer.intake import OrderConsumer
@@ -595,7 +596,7 @@ async def _run_bounded(
     sessions = session_factory(engine)
     # The consumer starts where consumer_offsets says: seed the group's rows there.
     async with sessions() as session, session.begin():
-        await session.execute(delete(ConsumerOffset).where(ConsumerOffset.group_id == group))
+        await execute_bulk(session, delete(ConsumerOffset).where(ConsumerOffset.group_id == group))
         await session.execute(
             pg_insert(ConsumerOffset).values(
                 [

@@ -61,7 +61,7 @@ from consumer.updates import format_timestamp, money_text
 from orderflow import __version__
 from orderflow.runtime.metrics import ComponentMetrics
 from orderflow.runtime.settings import Settings
-from orderflow.runtime.wiring import create_engine
+from orderflow.runtime.wiring import create_engine, session_factory
 from outbox.stats import outbox_stats
 
 log = logging.getLogger("orderflow.api")
@@ -213,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
         read_only = engine.execution_options(
             isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
-        app.state.database = Database(engine, async_sessionmaker(read_only, expire_on_commit=False))
+        app.state.database = Database(engine, session_factory(read_only))
         metrics.watch(engine)
         try:
             yield

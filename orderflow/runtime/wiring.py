@@ -127,6 +127,12 @@ def database_ssl(tls: DatabaseTls) -> ssl.SSLContext | str | bool | None:
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Every session orderflow opens, the read API's included, comes from here.
+
+    ``expire_on_commit=False``: what a transaction loaded stays readable after its commit
+    and after the session closes, without a lazy load (a ``MissingGreenlet`` in async
+    code) or a ``DetachedInstanceError``.
+    """
     return async_sessionmaker(engine, expire_on_commit=False)
 
 

@@ -331,20 +331,24 @@ class Api:
         database: Database = self.app.state.database
         return database
 
-    @contextmanager
-    def statements(self) -> Iterator[list[str]]:
+    def statements(self) -> contextlib.AbstractContextManager[list[str]]:
         """Every SQL statement the app sends while the block runs."""
-        seen: list[str] = []
+        return statements(self.database.engine)
 
-        def record(_conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
-            seen.append(statement)
 
-        engine = self.database.engine.sync_engine
-        sqlalchemy_event.listen(engine, "before_cursor_execute", record)
-        try:
-            yield seen
-        finally:
-            sqlalchemy_event.remove(engine, "before_cursor_execute", record)
+@contextmanager
+def statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Every SQL statement ``engine`` sends while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    sqlalchemy_event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sqlalchemy_event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
 @asynccontextmanager

@@ -133,7 +133,7 @@ def dlq_list_command(
         from orderflow.runtime.wiring import start_kafka_client
         from orderflow.tools.dlq import DeadLetterScan
         from orderflow.tools.progress import progress_bar
-        from orderflow.tools.replay import ReplayError, create_reader, stop_client
+        from orderflow.tools.ranges import ReplayError, create_reader, stop_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)
@@ -226,7 +226,7 @@ def dlq_redrive_command(
         from orderflow.runtime.wiring import create_producer, start_kafka_client
         from orderflow.tools.dlq import DeadLetterScan, redrive
         from orderflow.tools.progress import Summary, progress_bar
-        from orderflow.tools.replay import ReplayError, create_reader, stop_client
+        from orderflow.tools.ranges import ReplayError, create_reader, stop_client
 
         reader = create_reader(settings)
         await start_kafka_client(reader, settings)

@@ -138,11 +138,11 @@ def replay_outbox_command(
 
         from orderflow.runtime.wiring import create_producer, session_factory, start_kafka_client
         from orderflow.tools.progress import Summary, progress_bar
+        from orderflow.tools.ranges import stop_client
         from orderflow.tools.replay import (
             OutboxReplayOutcome,
             OutboxReplayRequest,
             replay_outbox,
-            stop_client,
         )
 
         request = OutboxReplayRequest(
@@ -286,8 +286,8 @@ def replay_topic_command(
 
     async def main() -> None:
         from orderflow.tools.progress import Summary, progress_bar
+        from orderflow.tools.ranges import ReplayError
         from orderflow.tools.replay import (
-            ReplayError,
             TopicReplayOutcome,
             TopicReplayRequest,
             replay_topic,

@@ -22,7 +22,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from orderflow.tools.progress import RateLimiter
-from orderflow.tools.replay import (
+from orderflow.tools.ranges import (
     PartitionRange,
     Record,
     end_offsets,

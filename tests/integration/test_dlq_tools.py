@@ -17,7 +17,7 @@ from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.wiring import create_producer
 from orderflow.tools.dlq import REDRIVE_HEADER, DeadLetterFilter, DeadLetterScan, redrive
-from orderflow.tools.replay import create_reader, stop_client
+from orderflow.tools.ranges import create_reader, stop_client
 from tests.e2e.processes import process_env
 from tests.events import paid, placed
 from tests.helpers import (

@@ -21,10 +21,10 @@ from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_producer
+from orderflow.tools.ranges import ReplayError
 from orderflow.tools.replay import (
     REPLAY_LOCK_NAMESPACE,
     OutboxReplayRequest,
-    ReplayError,
     TopicReplayRequest,
     group_lock_key,
     replay_outbox,

@@ -14,6 +14,7 @@ from orderflow.cli.support import (
     DryRun,
     OutboundTopic,
     QuietLogLevel,
+    command_group,
     fail,
     load_settings,
     note,
@@ -30,18 +31,10 @@ from orderflow.runtime import logs
 if TYPE_CHECKING:
     from consumer.snapshots import SnapshotBatch
 
-backfill_app = typer.Typer(
-    help=(
-        "Backfills: write every matching order's current state to the outbox as a Snapshot "
-        "update, for subscribers that need the whole state."
-    ),
-    no_args_is_help=True,
+backfill_app = command_group(
+    "Backfills: write every matching order's current state to the outbox as a Snapshot "
+    "update, for subscribers that need the whole state."
 )
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.add_typer(backfill_app, name="backfill")
 
 
 @backfill_app.command("snapshots")

@@ -17,6 +17,7 @@ from orderflow.cli.support import (
     InboundTopic,
     QuietLogLevel,
     Rate,
+    command_group,
     fail,
     load_settings,
     note,
@@ -33,15 +34,9 @@ from orderflow.runtime import logs
 if TYPE_CHECKING:
     from orderflow.tools.dlq import DeadLetter, DeadLetterFilter
 
-dlq_app = typer.Typer(
-    help="Dead letters: inspect them, and send chosen ones back to the inbound topic.",
-    no_args_is_help=True,
+dlq_app = command_group(
+    "Dead letters: inspect them, and send chosen ones back to the inbound topic."
 )
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.add_typer(dlq_app, name="dlq")
 
 
 Reasons = Annotated[

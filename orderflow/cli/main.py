@@ -2,8 +2,8 @@
 
 ``consume``, ``relay`` and ``api`` are the production processes; ``migrate`` and ``topics
 create`` prepare what they need; ``dev`` runs them all on one machine. The other command
-families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.dlq`, ...) add themselves
-to :data:`app` through their ``register``.
+families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.dlq`, ...) are added to
+:data:`app` at the end of this module, in the order ``orderflow --help`` lists them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from orderflow.cli.support import (
     InboundTopic,
     LogLevel,
     OutboundTopic,
+    command_group,
     load_settings,
     run,
 )
@@ -63,10 +64,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-topics_app = typer.Typer(
-    help="Manage the inbound, outbound and dead-letter topics.", no_args_is_help=True
-)
-app.add_typer(topics_app, name="topics")
+topics_app = command_group("Manage the inbound, outbound and dead-letter topics.")
 
 
 @app.command()
@@ -377,11 +375,18 @@ def _where(host: str, port: int) -> str:
 
 
 # `orderflow --help` lists the commands in the order they are added (migrate, consume, relay
-# and dev above, then import, publish, loadgen and tail, then api), followed by the groups
-# in theirs (topics above, then outbox, backfill, replay, dlq and schemas).
-for _module in (observe, backfill, replay, dlq, teams, schemas):
-    _module.register(app)
+# and dev above, then import, publish, loadgen and tail, then api), then the groups in theirs.
+teams.register(app)
 app.command()(api)
+for _name, _group in (
+    ("topics", topics_app),
+    ("outbox", observe.outbox_app),
+    ("backfill", backfill.backfill_app),
+    ("replay", replay.replay_app),
+    ("dlq", dlq.dlq_app),
+    ("schemas", schemas.schemas_app),
+):
+    app.add_typer(_group, name=_name)
 
 
 def main() -> None:

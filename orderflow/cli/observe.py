@@ -6,14 +6,9 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli.support import DatabaseUrl, load_settings, run
+from orderflow.cli.support import DatabaseUrl, command_group, load_settings, run
 
-outbox_app = typer.Typer(help="Inspect the transactional outbox.", no_args_is_help=True)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.add_typer(outbox_app, name="outbox")
+outbox_app = command_group("Inspect the transactional outbox.")
 
 
 @outbox_app.command("stats")

@@ -20,6 +20,7 @@ from orderflow.cli.support import (
     OutboundTopic,
     QuietLogLevel,
     Rate,
+    command_group,
     fail,
     load_settings,
     note,
@@ -34,18 +35,10 @@ from orderflow.cli.support import (
 )
 from orderflow.runtime import logs
 
-replay_app = typer.Typer(
-    help=(
-        "Replays: publish retained outbox messages again (same event_ids), or run inbound "
-        "events through the consumer again (the inbox skips what was applied)."
-    ),
-    no_args_is_help=True,
+replay_app = command_group(
+    "Replays: publish retained outbox messages again (same event_ids), or run inbound "
+    "events through the consumer again (the inbox skips what was applied)."
 )
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.add_typer(replay_app, name="replay")
 
 
 def parse_order_ids(values: Sequence[str]) -> tuple[uuid.UUID, ...]:

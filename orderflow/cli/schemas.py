@@ -9,20 +9,12 @@ from typing import Annotated
 import typer
 
 from orderflow import contracts
-from orderflow.cli.support import fail
+from orderflow.cli.support import command_group, fail
 
-schemas_app = typer.Typer(
-    help=(
-        "The JSON Schemas and the AsyncAPI document of orderflow's events, generated "
-        "from the code's own models."
-    ),
-    no_args_is_help=True,
+schemas_app = command_group(
+    "The JSON Schemas and the AsyncAPI document of orderflow's events, generated "
+    "from the code's own models."
 )
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.add_typer(schemas_app, name="schemas")
 
 
 @schemas_app.command("write")

@@ -72,6 +72,11 @@ DlqTopic = Annotated[
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 
 
+def command_group(help: str) -> typer.Typer:
+    """A group of commands (``orderflow <group> <command>``); the group alone shows its help."""
+    return typer.Typer(help=help, no_args_is_help=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"orderflow: error: {message}", file=sys.stderr)
     raise typer.Exit(code)

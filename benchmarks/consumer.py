@@ -12,7 +12,7 @@ fresh, migrated database on the same server:
                multi-row (``unnest``) statements; the same rows per event as orderflow;
 * naive     -- the SQLAlchemy async "tutorial" pattern: one session and one commit per
                event, ORM objects, ``session.get`` for the order (min(N, 3000) events);
-* orderflow -- ``orderflow.services.run_consumer`` in this process, default settings.
+* orderflow -- ``orderflow.runtime.services.run_consumer`` in this process, default settings.
 
 Each variant is timed from the moment its first transaction has committed until the
 last event it applies has committed (the events of that first commit are not counted):
@@ -58,11 +58,11 @@ from sqlalchemy.orm import joinedload, selectinload
 from benchmarks.support import Services, admin, create_database, provide_services, say
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, OrderLine, ProcessedEvent
-from orderflow.samples import SampleStream
-from orderflow.services import run_consumer
-from orderflow.settings import Settings, async_database_url
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_consumer, create_producer
+from orderflow.runtime.services import run_consumer
+from orderflow.runtime.settings import Settings, async_database_url
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_consumer, create_producer
+from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
 
 SEED = 20260101

@@ -80,10 +80,10 @@ from benchmarks.support import (
     provide_services,
     say,
 )
-from orderflow.samples import SampleStream
-from orderflow.services import run_consumer, run_relay
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
+from orderflow.runtime.services import run_consumer, run_relay
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.tools.samples import SampleStream
 
 T = TypeVar("T")
 SEED = 20260102

@@ -12,9 +12,9 @@ binary ``COPY`` per chunk (shard = ``outbox.enqueue.shard_of(key)``) and vacuume
 analysed; then, one after the other, each to its own fresh topic:
 
 * baseline  -- the raw aiokafka producer (acks=all, linger and batch size as
-               ``orderflow.wiring.create_producer``, idempotence per the services: off for
-               Tansu) sends the same keys, values and headers, read from the table into
-               memory beforehand, and awaits every ack; only the sending is timed;
+               ``orderflow.runtime.wiring.create_producer``, idempotence per the services:
+               off for Tansu) sends the same keys, values and headers, read from the table
+               into memory beforehand, and awaits every ack; only the sending is timed;
 * relay K=k -- k ``outbox.relay.Relay``s in this process, each with its own engine
                (pool_size=1) and its own producer, drain the table: timed from their start
                until no unpublished row is left. Every 20 ms the relays' own counts of rows
@@ -101,11 +101,11 @@ from benchmarks.ledger import (
     event_id_of,
 )
 from benchmarks.support import Services, admin, cpu_by_role, create_database, provide_services, say
-from orderflow.samples import CUSTOMERS, PRODUCTS
-from orderflow.services import relay_config
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_engine, create_producer
+from orderflow.runtime.services import relay_config
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_engine, create_producer
+from orderflow.tools.samples import CUSTOMERS, PRODUCTS
 from outbox.enqueue import shard_of
 from outbox.relay import Relay
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade
-from orderflow.settings import async_database_url, redacted
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.runtime.migrate import upgrade
+from orderflow.runtime.settings import async_database_url, redacted
 
 
 def say(text: str = "") -> None:

@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload
 
+from consumer.bulk import execute_bulk
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
 from consumer.messages import InboundMessage, dead_letter
@@ -419,7 +420,8 @@ async def _write_orders(
     if placed:
         # Sorted, so that two partitions upserting the same customers lock them in one order.
         emails = sorted(placed)
-        rows = await session.execute(
+        rows = await execute_bulk(
+            session,
             _UPSERT_CUSTOMERS,
             {
                 "ids": [uuid.uuid4() for _ in emails],
@@ -472,4 +474,4 @@ async def _write_orders(
         await session.execute(_INSERT_LINES, new_lines)
     if changed:
         # The rows are locked (FOR UPDATE) by this transaction: "bulk UPDATE by primary key".
-        await session.execute(_UPDATE_ORDERS, changed)
+        await execute_bulk(session, _UPDATE_ORDERS, changed)

@@ -18,6 +18,7 @@ from sqlalchemy import any_, bindparam, exists, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from consumer.bulk import bulk_connection
 from consumer.errors import OffsetConflict
 from consumer.models import ConsumerOffset, ParkedEvent, ProcessedEvent
 
@@ -125,7 +126,7 @@ async def advance_offset(
     else:
         statement = _ADVANCE_NEXT
         parameters["expected"] = expected
-    connection = await session.connection()
+    connection = await bulk_connection(session)
     advanced, processed, waiting = (await connection.execute(statement, parameters)).one()
     if not advanced:
         stored = await load_offset(session, group_id, topic, partition)

@@ -29,6 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
+from consumer.bulk import execute_bulk
 from consumer.errors import DeadLetterReason, InvalidTransition, RejectedEvent, UnknownOrder
 from consumer.events import InboundEvent, decode_event
 from consumer.messages import InboundMessage, dead_letter
@@ -159,7 +160,7 @@ async def forget_parked(session: AsyncSession, row_ids: Sequence[int]) -> None:
     """Delete the rows of parked events that were applied or dead-lettered (locked by
     this transaction when it loaded them)."""
     if row_ids:
-        await session.execute(_FORGET, {"ids": list(row_ids)})
+        await execute_bulk(session, _FORGET, {"ids": list(row_ids)})
 
 
 # Expiry deletes what it dead-letters in the same statement: the row lock it takes (or
@@ -244,7 +245,8 @@ async def expire_parked(
             to=expected_offset,
         )
         rows = (
-            await session.execute(
+            await execute_bulk(
+                session,
                 _EXPIRE_PARTITION,
                 {
                     "group_id": group_id,

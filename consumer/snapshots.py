@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, joinedload, mapped_column, selectinload
 
 from consumer.apply import order_state, update_message
+from consumer.bulk import execute_bulk
 from consumer.models import Base, Order
 from consumer.state_machine import OrderState, OrderStatus
 from consumer.updates import SNAPSHOT_CHANGE
@@ -214,10 +215,11 @@ async def create_run(
 
 async def abandon_run(session: AsyncSession, run_id: int) -> None:
     """Mark an unfinished run as replaced: it is never resumed."""
-    await session.execute(
+    await execute_bulk(
+        session,
         update(BackfillRun)
         .where(BackfillRun.id == run_id, BackfillRun.status == RunStatus.RUNNING.value)
-        .values(status=RunStatus.ABANDONED.value, updated_at=func.now())
+        .values(status=RunStatus.ABANDONED.value, updated_at=func.now()),
     )
 
 
@@ -310,7 +312,8 @@ async def snapshot_batch(
         )
     finished = len(ids) < limit
     new_cursor = ids[-1] if ids else cursor
-    await session.execute(
+    await execute_bulk(
+        session,
         update(BackfillRun)
         .where(BackfillRun.id == run_id)
         .values(
@@ -321,7 +324,7 @@ async def snapshot_batch(
             updated_at=func.now(),
             status=RunStatus.FINISHED.value if finished else RunStatus.RUNNING.value,
             finished_at=func.now() if finished else None,
-        )
+        ),
     )
     return SnapshotBatch(
         scanned=len(ids),

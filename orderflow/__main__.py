@@ -1,3 +1,3 @@
-from orderflow.cli import main
+from orderflow.cli.main import main
 
 main()

@@ -59,9 +59,9 @@ from consumer.models import Customer, Order
 from consumer.state_machine import OrderStatus
 from consumer.updates import format_timestamp, money_text
 from orderflow import __version__
-from orderflow.metrics import ComponentMetrics
-from orderflow.settings import Settings
-from orderflow.wiring import create_engine
+from orderflow.runtime.metrics import ComponentMetrics
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import create_engine, session_factory
 from outbox.stats import outbox_stats
 
 log = logging.getLogger("orderflow.api")
@@ -213,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
         read_only = engine.execution_options(
             isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
-        app.state.database = Database(engine, async_sessionmaker(read_only, expire_on_commit=False))
+        app.state.database = Database(engine, session_factory(read_only))
         metrics.watch(engine)
         try:
             yield
@@ -466,7 +466,7 @@ def order_view(order: Order) -> OrderView:
 class ApiMetrics(ComponentMetrics):
     """The read API's metrics, in a registry of the app's own.
 
-    From :class:`~orderflow.metrics.ComponentMetrics`: ``orderflow_build_info`` (component
+    From :class:`~orderflow.runtime.metrics.ComponentMetrics`: ``orderflow_build_info`` (component
     ``api``), ``orderflow_ready`` and the process metrics. Here: requests by method, route
     template and status, their duration, requests in flight, and the connection pool.
     """

@@ -43,7 +43,7 @@ from consumer.events import (
 )
 from consumer.state_machine import OrderStatus
 from consumer.updates import SNAPSHOT_CHANGE, UPDATE_EVENT_TYPE
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 SCHEMAS_DIRECTORY: Final = "schemas"

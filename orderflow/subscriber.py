@@ -49,8 +49,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from orderflow.contracts import OrderUpdated
-from orderflow.settings import Settings
-from orderflow.wiring import StartupError, kafka_common, start_kafka_client
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import StartupError, kafka_common, start_kafka_client
 
 #: How many recent event ids are remembered to drop repeats (repeats come soon after the
 #: original; the version check catches any older one).

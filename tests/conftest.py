@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from orderflow.migrate import upgrade
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_engine, session_factory
+from orderflow.runtime.migrate import upgrade
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_engine, session_factory
 from tests.helpers import TestEnv
 from tests.services import Services, provide_services
 

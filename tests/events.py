@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from orderflow.samples import encode, event_document
+from orderflow.tools.samples import encode, event_document
 
 Message = tuple[bytes | None, bytes | None]
 

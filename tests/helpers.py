@@ -1,4 +1,5 @@
-"""Shared test helpers: produce, read topics, wait with deadlines, run components, an oracle."""
+"""Shared test helpers: produce, read topics, wait with deadlines, run components, serve the
+read API, an oracle."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
+import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.conn import create_conn
@@ -19,16 +23,20 @@ from aiokafka.errors import for_code
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.memory_records import MemoryRecords
+from fastapi import FastAPI
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from consumer.errors import InvalidTransition, RejectedEvent, UnknownOrder
 from consumer.events import InboundEvent, decode_event
 from consumer.intake import OrderConsumer
-from consumer.models import Order, ProcessedEvent
+from consumer.models import Customer, Order, OrderLine, ProcessedEvent
 from consumer.state_machine import OrderState, can_apply_later, transition
-from orderflow.services import run_consumer, run_relay
-from orderflow.settings import Settings
+from orderflow.api import Database
+from orderflow.runtime.services import run_consumer, run_relay
+from orderflow.runtime.settings import Settings
 from outbox.models import OutboxRecord
 from outbox.relay import Relay
 
@@ -367,3 +375,90 @@ def decode_json(value: bytes | None) -> dict[str, Any]:
     document = orjson.loads(value)
     assert isinstance(document, dict)
     return document
+
+
+@dataclass
+class Api:
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def database(self) -> Database:
+        database: Database = self.app.state.database
+        return database
+
+    def statements(self) -> contextlib.AbstractContextManager[list[str]]:
+        """Every SQL statement the app sends while the block runs."""
+        return statements(self.database.engine)
+
+
+@contextmanager
+def statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Every SQL statement ``engine`` sends while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    sqlalchemy_event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sqlalchemy_event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+@asynccontextmanager
+async def serve_api(app: FastAPI, *, raise_app_exceptions: bool = True) -> AsyncIterator[Api]:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions),
+            base_url="http://orderflow.test",
+        ) as client,
+    ):
+        yield Api(app, client)
+
+
+@dataclass(frozen=True)
+class Placed:
+    id: uuid.UUID
+    created_at: datetime
+    status: str
+    email: str
+
+
+async def insert_orders(env: TestEnv, specs: list[tuple[datetime, str, str]]) -> list[Placed]:
+    """One order per (created_at, status, customer email), each with three lines."""
+    placed: list[Placed] = []
+    async with env.sessions() as session, session.begin():
+        customers: dict[str, Customer] = {}
+        for email in sorted({email for _, _, email in specs}):
+            customers[email] = Customer(id=uuid.uuid4(), email=email, name=email.split("@")[0])
+            session.add(customers[email])
+        await session.flush()
+        for created_at, status, email in specs:
+            order_id = uuid.uuid4()
+            lines = [
+                OrderLine(
+                    position=position,
+                    sku=f"SKU-{position}",
+                    quantity=position + 1,
+                    unit_price=Decimal("1.50"),
+                )
+                for position in range(3)
+            ]
+            session.add(
+                Order(
+                    id=order_id,
+                    customer_id=customers[email].id,
+                    status=status,
+                    currency="EUR",
+                    total=sum((line.quantity * line.unit_price for line in lines), Decimal(0)),
+                    version=1,
+                    created_at=created_at,
+                    updated_at=created_at,
+                    lines=lines,
+                )
+            )
+            placed.append(Placed(order_id, created_at, status, email))
+    return placed

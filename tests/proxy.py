@@ -13,7 +13,7 @@ import functools
 from types import TracebackType
 from typing import Any, Self
 
-from orderflow.embedded import free_port
+from orderflow.devstand.embedded import free_port
 
 
 class TcpProxy:

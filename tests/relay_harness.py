@@ -45,8 +45,8 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from orderflow.settings import Settings
-from orderflow.wiring import create_engine, session_factory
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import create_engine, session_factory
 from outbox import OutboxMessage, add_messages
 from outbox.relay import Relay, RelayConfig, _InFlight, _Outgoing
 

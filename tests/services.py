@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
 
 
 @dataclass(frozen=True)

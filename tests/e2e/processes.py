@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 
 ORDERFLOW = (sys.executable, "-m", "orderflow")
 #: What the processes read from the environment; the test's Settings decide all of it.

@@ -34,8 +34,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from consumer.models import ConsumerOffset, Order, ProcessedEvent
-from orderflow.samples import SampleStream
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
+from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.helpers import Expected, TestEnv, decode_json, expected_outcome, header_map

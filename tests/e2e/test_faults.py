@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, func, select
 
-from orderflow.embedded import EmbeddedKafka, free_port
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
+from orderflow.devstand.embedded import EmbeddedKafka, free_port
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
 from outbox import OutboxMessage, add_messages
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Launcher, Process

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orderflow.embedded import free_port
-from orderflow.settings import Settings
+from orderflow.devstand.embedded import free_port
+from orderflow.runtime.settings import Settings
 from tests.e2e.processes import ORDERFLOW, Launcher, Process, process_env
 from tests.e2e.test_chaos import database_port, sigterm, via
 from tests.events import key, paid, placed

@@ -26,11 +26,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_engine, session_factory
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.runtime.migrate import upgrade
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_engine, session_factory
 from outbox import OutboxMessage, add_messages
 from outbox.enqueue import SHARD_COUNT
 from outbox.relay import ADVISORY_LOCK_NAMESPACE

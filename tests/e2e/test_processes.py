@@ -20,8 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from consumer.models import ProcessedEvent
-from orderflow.samples import SampleStream
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
+from orderflow.tools.samples import SampleStream
 from tests.e2e.processes import ORDERFLOW, Process, Start, process_env
 from tests.helpers import (
     Expected,

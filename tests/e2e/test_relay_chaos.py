@@ -12,7 +12,7 @@ from itertools import islice
 import pytest
 from sqlalchemy import func, select
 
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
 from tests.e2e.processes import Process, Start
 from tests.e2e.test_processes import while_running

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 from tests.e2e.processes import ORDERFLOW, process_env
 from tests.events import key, placed
 from tests.helpers import TestEnv, applied_count, eventually, outbox_rows, produce

@@ -24,7 +24,7 @@ import pytest
 
 from consumer.state_machine import LineState, OrderState, OrderStatus
 from consumer.updates import SNAPSHOT_CHANGE, build_update, update_event_id
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 from tests.e2e.processes import ORDERFLOW, process_env
 from tests.helpers import eventually, produce
 

@@ -12,29 +12,22 @@ import base64
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from consumer.models import Customer, Order, OrderLine
 from orderflow.api import (
     METRICS_PATH,
     UNMATCHED_ROUTE,
     ApiMetrics,
-    Database,
     create_app,
     read_session,
 )
@@ -42,100 +35,28 @@ from outbox import OutboxMessage, add_messages
 from outbox.stats import outbox_stats
 from tests import events
 from tests.e2e.processes import Launcher
-from tests.helpers import TestEnv, applied_count, eventually, outbox_rows, produce, running_consumer
+from tests.helpers import (
+    Api,
+    Placed,
+    TestEnv,
+    applied_count,
+    eventually,
+    insert_orders,
+    outbox_rows,
+    produce,
+    running_consumer,
+    serve_api,
+)
 
 pytestmark = pytest.mark.integration
 
 BASE = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 
 
-@dataclass
-class Api:
-    app: FastAPI
-    client: httpx.AsyncClient
-
-    @property
-    def database(self) -> Database:
-        database: Database = self.app.state.database
-        return database
-
-    @contextmanager
-    def statements(self) -> Iterator[list[str]]:
-        """Every SQL statement the app sends while the block runs."""
-        seen: list[str] = []
-
-        def record(_conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
-            seen.append(statement)
-
-        engine = self.database.engine.sync_engine
-        event.listen(engine, "before_cursor_execute", record)
-        try:
-            yield seen
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
-
-
-@asynccontextmanager
-async def _serve(app: FastAPI, *, raise_app_exceptions: bool = True) -> AsyncIterator[Api]:
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions),
-            base_url="http://orderflow.test",
-        ) as client,
-    ):
-        yield Api(app, client)
-
-
 @pytest.fixture
 async def api(env: TestEnv) -> AsyncIterator[Api]:
-    async with _serve(create_app(env.settings)) as served:
+    async with serve_api(create_app(env.settings)) as served:
         yield served
-
-
-@dataclass(frozen=True)
-class Placed:
-    id: uuid.UUID
-    created_at: datetime
-    status: str
-    email: str
-
-
-async def insert_orders(env: TestEnv, specs: list[tuple[datetime, str, str]]) -> list[Placed]:
-    """One order per (created_at, status, customer email), each with three lines."""
-    placed: list[Placed] = []
-    async with env.sessions() as session, session.begin():
-        customers: dict[str, Customer] = {}
-        for email in sorted({email for _, _, email in specs}):
-            customers[email] = Customer(id=uuid.uuid4(), email=email, name=email.split("@")[0])
-            session.add(customers[email])
-        await session.flush()
-        for created_at, status, email in specs:
-            order_id = uuid.uuid4()
-            lines = [
-                OrderLine(
-                    position=position,
-                    sku=f"SKU-{position}",
-                    quantity=position + 1,
-                    unit_price=Decimal("1.50"),
-                )
-                for position in range(3)
-            ]
-            session.add(
-                Order(
-                    id=order_id,
-                    customer_id=customers[email].id,
-                    status=status,
-                    currency="EUR",
-                    total=sum((line.quantity * line.unit_price for line in lines), Decimal(0)),
-                    version=1,
-                    created_at=created_at,
-                    updated_at=created_at,
-                    lines=lines,
-                )
-            )
-            placed.append(Placed(order_id, created_at, status, email))
-    return placed
 
 
 def newest_first(orders: list[Placed]) -> list[uuid.UUID]:
@@ -464,7 +385,7 @@ async def test_without_a_database_probes_and_reads_say_503(env: TestEnv) -> None
     settings = env.with_settings(
         database_url=f"postgresql://orderflow:s3cret-pw@127.0.0.1:{_free_port()}/orders"
     )
-    async with _serve(create_app(settings)) as api:
+    async with serve_api(create_app(settings)) as api:
         assert (await api.client.get("/healthz")).status_code == 200
         readyz = await api.client.get("/readyz")
         assert (readyz.status_code, readyz.json()) == (503, {"status": "database unavailable"})
@@ -700,7 +621,7 @@ async def test_an_unhandled_error_counts_as_a_500_of_its_route(env: TestEnv) -> 
         raise RuntimeError("a bug")
 
     app.add_api_route("/broken/{item}", broken)
-    async with _serve(app, raise_app_exceptions=False) as served:
+    async with serve_api(app, raise_app_exceptions=False) as served:
         assert (await served.client.get("/broken/1")).status_code == 500
         scraped = await scrape(served.client)
     assert requests_by_labels(scraped) == {("GET", "/broken/{item}", "500"): 1}
@@ -710,8 +631,8 @@ async def test_an_unhandled_error_counts_as_a_500_of_its_route(env: TestEnv) -> 
 async def test_each_app_has_its_own_registry(env: TestEnv) -> None:
     """Two apps in one process: no duplicate-series error, and no shared counts."""
     async with (
-        _serve(create_app(env.settings)) as first,
-        _serve(create_app(env.settings)) as second,
+        serve_api(create_app(env.settings)) as first,
+        serve_api(create_app(env.settings)) as second,
     ):
         assert first.app.state.metrics is not second.app.state.metrics
         for _ in range(3):
@@ -726,7 +647,7 @@ async def test_metrics_say_not_ready_without_a_database(env: TestEnv) -> None:
     settings = env.with_settings(
         database_url=f"postgresql://orderflow:s3cret-pw@127.0.0.1:{_free_port()}/orders"
     )
-    async with _serve(create_app(settings)) as api:
+    async with serve_api(create_app(settings)) as api:
         assert (await api.client.get("/orders")).status_code == 503
         scraped = await scrape(api.client)
     assert scraped.value("orderflow_ready") == 0

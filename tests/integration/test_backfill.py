@@ -17,7 +17,7 @@ from consumer.apply import Destinations, InboundMessage, apply_batch
 from consumer.snapshots import BackfillRun, SnapshotBatch
 from consumer.state_machine import OrderStatus
 from consumer.updates import update_event_id
-from orderflow.backfill import AlreadyFinished, SnapshotRequest, backfill_snapshots
+from orderflow.tools.backfill import AlreadyFinished, SnapshotRequest, backfill_snapshots
 from tests.events import Message, cancelled, delivered, paid, placed, shipped
 from tests.helpers import (
     TestEnv,

@@ -21,8 +21,8 @@ from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
 from consumer.observe import ConsumerObserver
 from consumer.parking import Expired
-from orderflow.samples import SampleStream
-from orderflow.services import run_consumer
+from orderflow.runtime.services import run_consumer
+from orderflow.tools.samples import SampleStream
 from tests.events import cancelled, delivered, key, paid, placed, shipped
 from tests.helpers import (
     Expected,

@@ -13,11 +13,11 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from orderflow.cli import app
-from orderflow.dlq import REDRIVE_HEADER, DeadLetterFilter, DeadLetterScan, redrive
-from orderflow.replay import create_reader, stop_client
-from orderflow.settings import Settings
-from orderflow.wiring import create_producer
+from orderflow.cli.main import app
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import create_producer
+from orderflow.tools.dlq import REDRIVE_HEADER, DeadLetterFilter, DeadLetterScan, redrive
+from orderflow.tools.ranges import create_reader, stop_client
 from tests.e2e.processes import process_env
 from tests.events import paid, placed
 from tests.helpers import (

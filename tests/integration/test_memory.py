@@ -9,7 +9,7 @@ from itertools import islice
 import pytest
 
 from consumer.models import Customer, Order, OrderLine, ProcessedEvent
-from orderflow.samples import SampleStream
+from orderflow.tools.samples import SampleStream
 from tests.helpers import (
     TestEnv,
     applied_count,
@@ -31,7 +31,7 @@ def orm_objects_alive() -> int:
 def consumer_heap(snapshot: tracemalloc.Snapshot) -> int:
     """Bytes allocated and still alive, leaving out this test's own sample data."""
     ignored = [
-        tracemalloc.Filter(False, "*/orderflow/samples.py"),
+        tracemalloc.Filter(False, "*/orderflow/tools/samples.py"),
         tracemalloc.Filter(False, __file__),
         tracemalloc.Filter(False, tracemalloc.__file__),
     ]

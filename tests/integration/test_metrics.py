@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from consumer.errors import DeadLetterReason
-from orderflow.embedded import free_port
-from orderflow.settings import Settings
+from orderflow.devstand.embedded import free_port
+from orderflow.runtime.settings import Settings
 from outbox import OutboxMessage, add_messages
 from outbox.enqueue import SHARD_COUNT
 from outbox.relay import ADVISORY_LOCK_NAMESPACE

@@ -26,10 +26,10 @@ from aiokafka.errors import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderflow import services
-from orderflow.samples import SampleStream
-from orderflow.services import run_relay
-from orderflow.wiring import ServiceError, create_engine, create_producer
+from orderflow.runtime import services
+from orderflow.runtime.services import run_relay
+from orderflow.runtime.wiring import ServiceError, create_engine, create_producer
+from orderflow.tools.samples import SampleStream
 from outbox import OutboxMessage, add_messages, shard_of
 from outbox import relay as relay_module
 from outbox.enqueue import SHARD_COUNT

@@ -25,10 +25,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
-from orderflow.embedded import EmbeddedPostgres
-from orderflow.migrate import upgrade
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
+from orderflow.devstand.embedded import EmbeddedPostgres
+from orderflow.runtime.migrate import upgrade
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
 from outbox.relay import PublishForbidden, RelayConfig
 from tests.relay_harness import Harness, HarnessError, harness_for, kafka_for, run_schedules
 from tests.services import Services

@@ -17,19 +17,19 @@ from typer.testing import CliRunner
 
 from consumer.apply import Destinations, InboundMessage, apply_batch
 from consumer.models import ConsumerOffset, Order
-from orderflow.cli import app
-from orderflow.replay import (
+from orderflow.cli.main import app
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_producer
+from orderflow.tools.ranges import ReplayError
+from orderflow.tools.replay import (
     REPLAY_LOCK_NAMESPACE,
     OutboxReplayRequest,
-    ReplayError,
     TopicReplayRequest,
     group_lock_key,
     replay_outbox,
     replay_topic,
 )
-from orderflow.settings import Settings
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_producer
 from tests.e2e.processes import process_env
 from tests.events import Message, paid, placed, shipped
 from tests.helpers import (

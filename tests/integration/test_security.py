@@ -18,8 +18,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from consumer.models import ConsumerOffset
-from orderflow.settings import Settings
-from orderflow.wiring import StartupError, check_database, create_engine, kafka_common
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import StartupError, check_database, create_engine, kafka_common
 from tests.events import Message, cancelled, delivered, key, paid, placed, shipped
 from tests.helpers import (
     TestEnv,

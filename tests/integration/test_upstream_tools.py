@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from orderflow.settings import Settings
+from orderflow.runtime.settings import Settings
 from tests.e2e.processes import ORDERFLOW, process_env
 from tests.events import cancelled, event, paid, placed, shipped
 from tests.helpers import (

@@ -25,9 +25,9 @@ import typer.main
 import yaml
 from sqlalchemy.engine import make_url
 
-import orderflow.cli
+import orderflow.cli.main
 from orderflow.api import METRICS_PATH, ApiMetrics
-from orderflow.metrics import ConsumerMetrics, RelayMetrics
+from orderflow.runtime.metrics import ConsumerMetrics, RelayMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -93,7 +93,7 @@ def seconds(duration: str) -> float:
 
 def cli_commands() -> dict[str, Any]:
     """The top-level commands registered on the orderflow Typer app."""
-    group: Any = typer.main.get_command(orderflow.cli.app)
+    group: Any = typer.main.get_command(orderflow.cli.main.app)
     return dict(group.commands)
 
 
@@ -103,7 +103,7 @@ def parse_cli(arguments: list[str]) -> Any:
     Groups are walked through their ``commands``; the leaf's ``make_context`` raises a
     usage error on an option the command does not have or a bad value.
     """
-    command: Any = typer.main.get_command(orderflow.cli.app)
+    command: Any = typer.main.get_command(orderflow.cli.main.app)
     remaining = list(arguments)
     path = ["orderflow"]
     while hasattr(command, "commands"):

@@ -16,18 +16,18 @@ import typer.main
 from aiokafka import TopicPartition
 from typer.testing import CliRunner
 
-import orderflow.cli
+import orderflow.cli.main
 from consumer.apply import BatchOutcome
 from consumer.errors import DeadLetterReason
 from consumer.observe import ConsumerObserver
-from orderflow.health import _BadRequest, _read_request, describe_error, listen_port
-from orderflow.metrics import (
+from orderflow.runtime.health import _BadRequest, _read_request, describe_error, listen_port
+from orderflow.runtime.metrics import (
     PUBLISH_LATENCY_BUCKETS,
     ConsumerMetrics,
     RelayMetrics,
     _LatencyHistogram,
 )
-from orderflow.settings import Settings, SettingsError
+from orderflow.runtime.settings import Settings, SettingsError
 from outbox.observe import RelayObserver
 
 
@@ -57,12 +57,12 @@ def test_the_environment_refuses_port_zero() -> None:
 
 @pytest.mark.parametrize("command", ["consume", "relay"])
 def test_the_flag_is_parsed_and_range_checked(command: str) -> None:
-    group = typer.main.get_command(orderflow.cli.app)
+    group = typer.main.get_command(orderflow.cli.main.app)
     leaf = group.commands[command]  # type: ignore[attr-defined]
     context = leaf.make_context(command, ["--metrics-port", "9100"])
     assert context.params["metrics_port"] == 9100
     assert leaf.make_context(command, []).params["metrics_port"] is None
-    result = CliRunner().invoke(orderflow.cli.app, [command, "--metrics-port", "0"])
+    result = CliRunner().invoke(orderflow.cli.main.app, [command, "--metrics-port", "0"])
     assert result.exit_code == 2
     assert "--metrics-port" in result.output
 

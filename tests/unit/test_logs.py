@@ -19,7 +19,7 @@ from consumer.apply import BatchOutcome, InboundMessage
 from consumer.errors import DeadLetterReason, MalformedJson, UnknownOrder
 from consumer.events import decode_event
 from consumer.intake import _log_batch
-from orderflow import logs
+from orderflow.runtime import logs
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import InboundEvent, decode_event
 from consumer.state_machine import OrderState, transition
-from orderflow.samples import SampleMessage, SampleStream, encode, event_document
+from orderflow.tools.samples import SampleMessage, SampleStream, encode, event_document
 
 AT = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 FAULT_REASONS = {

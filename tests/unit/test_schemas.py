@@ -32,9 +32,9 @@ from consumer.events import EventType, decode_event
 from consumer.state_machine import transition
 from consumer.updates import SNAPSHOT_CHANGE, build_update, update_event_id
 from orderflow import contracts
-from orderflow.cli import app
-from orderflow.samples import SampleStream
-from orderflow.settings import Settings
+from orderflow.cli.main import app
+from orderflow.runtime.settings import Settings
+from orderflow.tools.samples import SampleStream
 from tests import events
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orderflow.settings import Settings, SettingsError, async_database_url, redacted
+from orderflow.runtime.settings import Settings, SettingsError, async_database_url, redacted
 
 DB = "postgresql://orderflow:s3cret-pw@db.example:5432/orders"
 KAFKA = "kafka-1:9092,kafka-2:9092"

@@ -13,7 +13,7 @@ from aiokafka import ConsumerRecord
 
 from consumer.state_machine import LineState, OrderState, OrderStatus
 from consumer.updates import build_update, update_event_id
-from orderflow.cli_contracts import describe
+from orderflow.cli.teams import describe
 from orderflow.subscriber import (
     LatestOrders,
     Outcome,

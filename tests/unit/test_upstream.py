@@ -10,7 +10,7 @@ import pytest
 
 from consumer.errors import RejectedEvent
 from consumer.events import decode_event
-from orderflow.upstream import (
+from orderflow.tools.upstream import (
     Line,
     LoadCounts,
     Rejection,

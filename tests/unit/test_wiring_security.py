@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from orderflow.settings import DatabaseTls, Settings, SettingsError
-from orderflow.wiring import (
+from orderflow.runtime.settings import DatabaseTls, Settings, SettingsError
+from orderflow.runtime.wiring import (
     FETCH_MAX_BYTES,
     create_consumer,
     create_engine,
@@ -371,7 +371,7 @@ async def test_every_client_gets_the_security_options(certificates: Certificates
     )
     consumer = create_consumer(settings)
     producer = create_producer(settings)
-    admin = AIOKafkaAdminClient(**kafka_common(settings))  # as orderflow.topics builds it
+    admin = AIOKafkaAdminClient(**kafka_common(settings))  # as orderflow.runtime.topics builds it
     try:
         for client in (consumer._client, producer.client, admin._client):
             assert client._security_protocol == "SASL_SSL"

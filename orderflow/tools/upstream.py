@@ -27,10 +27,10 @@ from aiokafka.structs import RecordMetadata
 
 from consumer.errors import RejectedEvent, SchemaViolation
 from consumer.events import EventType, InboundEvent, decode_event
-from orderflow.samples import SampleMessage, SampleStream
-from orderflow.settings import Settings
-from orderflow.tooling import RateLimiter
-from orderflow.wiring import StartupError, create_producer, start_kafka_client
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import StartupError, create_producer, start_kafka_client
+from orderflow.tools.progress import RateLimiter
+from orderflow.tools.samples import SampleMessage, SampleStream
 
 #: Sends awaiting the broker's ack at most; bounds memory on a file of any size.
 MAX_IN_FLIGHT: Final = 2000

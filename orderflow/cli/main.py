@@ -1,14 +1,24 @@
-"""The ``orderflow`` command line."""
+"""The ``orderflow`` command line: the app, and the commands that run or prepare the processes.
+
+``consume``, ``relay`` and ``api`` are the production processes; ``migrate`` and ``topics
+create`` prepare what they need; ``dev`` runs them all on one machine. The other command
+families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.dlq`, ...) are added to
+:data:`app` at the end of this module, in the order ``orderflow --help`` lists them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
 
-from orderflow import cli_backfill, cli_contracts, cli_observe, logs
-from orderflow.cli_support import (
+from orderflow.cli import backfill, dlq, observe, replay, schemas, teams
+from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
     DlqTopic,
@@ -16,10 +26,12 @@ from orderflow.cli_support import (
     InboundTopic,
     LogLevel,
     OutboundTopic,
+    command_group,
     load_settings,
     run,
 )
-from orderflow.settings import redacted
+from orderflow.runtime import logs
+from orderflow.runtime.settings import redacted
 
 MetricsPort = Annotated[
     int | None,
@@ -35,6 +47,12 @@ MetricsPort = Annotated[
     ),
 ]
 
+log = logging.getLogger("orderflow")
+
+#: After SIGTERM, how long the read API's requests in flight may take to finish before they
+#: are cut.
+API_SHUTDOWN_TIMEOUT_SECONDS = 30.0
+
 app = typer.Typer(
     name="orderflow",
     help=(
@@ -46,12 +64,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-topics_app = typer.Typer(
-    help="Manage the inbound, outbound and dead-letter topics.", no_args_is_help=True
-)
-app.add_typer(topics_app, name="topics")
-outbox_app = typer.Typer(help="Inspect the transactional outbox.", no_args_is_help=True)
-app.add_typer(outbox_app, name="outbox")
+topics_app = command_group("Manage the inbound, outbound and dead-letter topics.")
 
 
 @app.command()
@@ -61,8 +74,8 @@ def migrate(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> N
     settings = load_settings(database_url=database_url)
 
     async def main() -> None:
-        from orderflow.migrate import head_revision, upgrade_async
-        from orderflow.wiring import check_database, create_engine
+        from orderflow.runtime.migrate import head_revision, upgrade_async
+        from orderflow.runtime.wiring import check_database, create_engine
 
         engine = create_engine(settings, pool_size=1)
         try:
@@ -124,8 +137,8 @@ def consume(
     )
 
     async def main() -> None:
-        from orderflow.services import run_consumer
-        from orderflow.signals import stop_on_signals
+        from orderflow.runtime.services import run_consumer
+        from orderflow.runtime.signals import stop_on_signals
 
         stop = asyncio.Event()
         with stop_on_signals(stop):
@@ -165,8 +178,8 @@ def relay(
     )
 
     async def main() -> None:
-        from orderflow.services import run_relay
-        from orderflow.signals import stop_on_signals
+        from orderflow.runtime.services import run_relay
+        from orderflow.runtime.signals import stop_on_signals
 
         stop = asyncio.Event()
         with stop_on_signals(stop):
@@ -196,7 +209,7 @@ def dev(
     messages) and shows what flows. Ctrl-C stops everything and leaves no process behind.
     """
     logs.configure(log_level)
-    from orderflow.dev import run_dev
+    from orderflow.devstand.dev import run_dev
 
     run(run_dev(partitions=partitions, rate=rate, duration=duration))
 
@@ -219,7 +232,7 @@ def topics_create(
     )
 
     async def main() -> None:
-        from orderflow.topics import ensure_topics
+        from orderflow.runtime.topics import ensure_topics
 
         created = await ensure_topics(
             settings, partitions=partitions, replication_factor=replication_factor
@@ -229,65 +242,151 @@ def topics_create(
     run(main())
 
 
-@outbox_app.command("stats")
-def outbox_stats_command(
+def api(
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="ORDERFLOW_API_HOST",
+            help="Address to listen on (0.0.0.0 or :: for every interface).",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(envvar="ORDERFLOW_API_PORT", min=1, max=65535, help="TCP port."),
+    ] = 8000,
     database_url: DatabaseUrl = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per topic.")] = False,
+    pool_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=(
+                "Database connections, and so requests served at once. "
+                "Env: ORDERFLOW_DB_POOL_SIZE (default: 8)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one line per request (uvicorn's access log).")
+    ] = True,
+    log_level: LogLevel = "INFO",
 ) -> None:
-    """Per topic: unpublished backlog, age of the oldest unpublished message, and messages
-    published in the last minute."""
-    settings = load_settings(database_url=database_url)
+    """Serve the read-only HTTP API: orders, outbox stats, health probes, metrics.
+
+    GET /orders/{id} and GET /orders (filters, cursor pagination), GET /outbox/stats.
+
+    GET /healthz (alive) and GET /readyz (database answers) for probes; GET /metrics for
+    Prometheus.
+
+    Interactive docs at /docs, the OpenAPI schema at /openapi.json.
+
+    Needs a migrated database (checked at start).
+
+    SIGTERM or Ctrl-C lets requests in flight finish, then exits 0.
+    """
+    logs.configure(log_level)
+    settings = load_settings(database_url=database_url, db_pool_size=pool_size)
 
     async def main() -> None:
-        from orderflow.wiring import check_database, create_engine
-        from outbox.stats import outbox_stats
+        import uvicorn
+
+        from orderflow.api import create_app
+        from orderflow.runtime.signals import stop_on_signals
+        from orderflow.runtime.wiring import StartupError, check_database, create_engine
 
         engine = create_engine(settings, pool_size=1)
         try:
             await check_database(engine)
-            async with engine.connect() as connection:
-                stats = await outbox_stats(connection)
         finally:
             await engine.dispose()
-        if as_json:
-            import orjson
+        listener = _listen(host, port)
+        where = _where(host, port)
+        config = uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_config=None,  # our logging (orderflow.runtime.logs) formats uvicorn's lines too
+            access_log=access_log,
+            server_header=False,
+            timeout_graceful_shutdown=int(API_SHUTDOWN_TIMEOUT_SECONDS),
+        )
 
-            for line in stats:
-                age = line.oldest_unpublished_age
-                print(
-                    orjson.dumps(
-                        {
-                            "topic": line.topic,
-                            "backlog": line.backlog,
-                            "oldest_unpublished_age_seconds": (
-                                None if age is None else round(age.total_seconds(), 3)
-                            ),
-                            "published_last_minute": line.published_last_minute,
-                        }
-                    ).decode()
-                )
-            return
-        from rich.console import Console
-        from rich.table import Table
+        class Server(uvicorn.Server):
+            """uvicorn's server with orderflow's signal handling instead of its own.
 
-        table = Table("topic", "backlog", "oldest unpublished", "published last minute")
-        for line in stats:
-            age = line.oldest_unpublished_age
-            table.add_row(
-                line.topic,
-                str(line.backlog),
-                "-" if age is None else f"{age.total_seconds():.1f} s",
-                str(line.published_last_minute),
+            uvicorn re-raises a SIGTERM after its graceful shutdown, so the process would
+            end by the signal (exit code 143) instead of 0. Here the signal only sets
+            ``stop`` (``stop_on_signals``), as in ``consume`` and ``relay``.
+            """
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        server = Server(config)
+        stop = asyncio.Event()
+        with stop_on_signals(stop), listener:
+
+            async def exit_on_stop() -> None:
+                await stop.wait()
+                server.should_exit = True
+
+            watcher = asyncio.create_task(exit_on_stop())
+            log.info(
+                "serving the read API on http://%s/ (docs at /docs)",
+                where,
+                extra={"database": redacted(settings.require_database())},
             )
-        if not stats:
-            table.add_row("(no messages waiting or published in the last minute)", "", "", "")
-        Console().print(table)
+            try:
+                await server.serve(sockets=[listener])
+            finally:
+                watcher.cancel()
+        if not server.started:
+            raise StartupError("the read API did not start (see the log lines above)")
 
     run(main())
 
 
-for _module in (cli_backfill, cli_contracts, cli_observe):
-    _module.register(app)
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for ``host:port``, or a one-line start-up error naming them."""
+    from orderflow.runtime.wiring import StartupError
+
+    where = _where(host, port)
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {where}: unknown host ({error.strerror})") from None
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        raise StartupError(f"cannot listen on {where}: {error.strerror or error}") from None
+    listener.setblocking(False)
+    return listener
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# `orderflow --help` lists the commands in the order they are added (migrate, consume, relay
+# and dev above, then import, publish, loadgen and tail, then api), then the groups in theirs.
+teams.register(app)
+app.command()(api)
+for _name, _group in (
+    ("topics", topics_app),
+    ("outbox", observe.outbox_app),
+    ("backfill", backfill.backfill_app),
+    ("replay", replay.replay_app),
+    ("dlq", dlq.dlq_app),
+    ("schemas", schemas.schemas_app),
+):
+    app.add_typer(_group, name=_name)
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from orderflow.replay import (
+from orderflow.tools.progress import RateLimiter
+from orderflow.tools.ranges import (
     PartitionRange,
     Record,
     end_offsets,
@@ -29,7 +30,6 @@ from orderflow.replay import (
     read_ranges,
     topic_partitions,
 )
-from orderflow.tooling import RateLimiter
 
 #: Header naming the dead letter a redriven message came from: ``topic:partition:offset``.
 REDRIVE_HEADER: Final = "orderflow.redrive.source"

@@ -1,6 +1,7 @@
 """Realistic sample traffic: order lifecycles interleaved across orders, with mistakes mixed in.
 
-Used by ``orderflow dev``, the tests and the benchmarks. Deterministic for a given seed.
+Used by ``orderflow loadgen`` (through :mod:`orderflow.tools.upstream`), ``orderflow dev``,
+the tests and the benchmarks. Deterministic for a given seed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Upstream and subscriber commands: import, publish, loadgen, tail, schemas."""
+"""Upstream and subscriber commands: import, publish, loadgen, tail."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Annotated
 
 import typer
@@ -18,8 +17,8 @@ from aiokafka import ConsumerRecord
 from rich.console import Console
 
 from consumer.errors import RejectedEvent
-from orderflow import contracts, logs
-from orderflow.cli_support import (
+from orderflow.cli.support import (
+    INTERRUPTED_EXIT,
     BootstrapServers,
     InboundTopic,
     LogLevel,
@@ -28,11 +27,12 @@ from orderflow.cli_support import (
     load_settings,
     run,
 )
-from orderflow.settings import Settings
-from orderflow.signals import stop_on_signals
+from orderflow.runtime import logs
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.signals import stop_on_signals
 from orderflow.subscriber import Outcome, Subscriber, Verdict, follow
-from orderflow.tooling import Summary, progress_bar
-from orderflow.upstream import (
+from orderflow.tools.progress import Summary, progress_bar
+from orderflow.tools.upstream import (
     Publisher,
     PublishFailed,
     Rejection,
@@ -46,9 +46,6 @@ from orderflow.upstream import (
     validate_file,
     validate_line,
 )
-
-#: Exit status of a command stopped by Ctrl-C before it finished its work.
-EXIT_INTERRUPTED = 130
 
 Rate = Annotated[
     float | None,
@@ -67,16 +64,6 @@ def register(app: typer.Typer) -> None:
     app.command("publish")(publish_command)
     app.command("loadgen")(loadgen_command)
     app.command("tail")(tail_command)
-    schemas_app = typer.Typer(
-        help=(
-            "The JSON Schemas and the AsyncAPI document of orderflow's events, generated "
-            "from the code's own models."
-        ),
-        no_args_is_help=True,
-    )
-    schemas_app.command("write")(schemas_write_command)
-    schemas_app.command("show")(schemas_show_command)
-    app.add_typer(schemas_app, name="schemas")
 
 
 # --------------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ def _open_events(path: str) -> Iterator[IO[bytes]]:
             try:
                 shutil.copyfileobj(sys.stdin.buffer, spool, 1024 * 1024)
             except KeyboardInterrupt:
-                fail("interrupted while reading standard input; nothing was sent", EXIT_INTERRUPTED)
+                fail("interrupted while reading standard input; nothing was sent", INTERRUPTED_EXIT)
             spool.seek(0)
             yield spool
         return
@@ -222,7 +209,7 @@ async def _import(
             )
         if validation.interrupted:
             say("interrupted while validating: nothing was sent")
-            return EXIT_INTERRUPTED
+            return INTERRUPTED_EXIT
         summary.add("rejected", validation.rejected)
         if validate_only:
             summary.add("valid", validation.valid)
@@ -284,7 +271,7 @@ async def _import(
             )
         summary.print()
         if interrupted:
-            return EXIT_INTERRUPTED
+            return INTERRUPTED_EXIT
         return 1 if failure is not None or validation.rejected else 0
 
 
@@ -582,82 +569,3 @@ def describe(outcome: Outcome) -> str:
     if outcome.missed:
         line += f"  (missed {outcome.missed} earlier version{'s' if outcome.missed > 1 else ''})"
     return line
-
-
-# --------------------------------------------------------------------------------------
-# schemas
-# --------------------------------------------------------------------------------------
-
-
-def schemas_write_command(
-    check: Annotated[
-        bool,
-        typer.Option(
-            "--check",
-            help="Change nothing; exit 1 and show the differences when a file is out of date.",
-        ),
-    ] = False,
-    directory: Annotated[
-        Path,
-        typer.Option(
-            "--directory",
-            file_okay=False,
-            help="Where schemas/ and docs/ are (default: the current directory).",
-        ),
-    ] = Path("."),
-) -> None:
-    """Regenerate schemas/*.json, docs/asyncapi.yaml and the field-limit table in
-    docs/events.md from the code's models.
-
-    Run it from the project's root after changing an event model; the test suite runs the
-    equivalent of --check and fails while the files are out of date.
-    """
-    try:
-        if check:
-            drift = contracts.find_drift(directory)
-            for item in drift:
-                print(item.diff if "\n" in item.diff else f"{item.path}: {item.diff}")
-            if drift:
-                fail(
-                    f"{len(drift)} generated file(s) differ from the code: run "
-                    f"`{contracts.WRITE_COMMAND}` to bring them up to date"
-                )
-            print(f"all {len(contracts.generated_files(directory))} generated files are up to date")
-            return
-        changed = contracts.write_files(directory)
-        strays = contracts.stray_files(directory)
-    except (OSError, ValueError) as error:
-        fail(str(error))
-    if changed:
-        print("updated: " + ", ".join(changed))
-    else:
-        print(f"all {len(contracts.generated_files(directory))} generated files were up to date")
-    if strays:
-        print("no longer generated by the code, delete: " + ", ".join(strays))
-
-
-def schemas_show_command(
-    name: Annotated[
-        str,
-        typer.Argument(
-            help=(
-                "envelope, OrderPlaced, OrderPaid, OrderShipped, OrderDelivered, "
-                "OrderCancelled, OrderUpdated or asyncapi."
-            ),
-            show_default=False,
-        ),
-    ],
-) -> None:
-    """Print one schema (or the AsyncAPI document) as the installed orderflow generates it."""
-    if name.lower() == "asyncapi":
-        sys.stdout.write(contracts.render_asyncapi())
-        return
-    files = {
-        file_name.removesuffix(".json").lower(): document
-        for file_name, document in contracts.schema_files().items()
-    }
-    document = files.get(name.removesuffix(".json").lower())
-    if document is None:
-        known = ", ".join(file_name.removesuffix(".json") for file_name in contracts.schema_files())
-        fail(f"no schema named {name!r}; known: {known}, asyncapi", 2)
-    sys.stdout.write(contracts.render_json(document))

@@ -36,7 +36,7 @@ from consumer.snapshots import (
     snapshot_batch,
 )
 from consumer.state_machine import OrderStatus
-from orderflow.tooling import RateLimiter
+from orderflow.tools.progress import RateLimiter
 from outbox.faults import Backoff, is_transient
 
 

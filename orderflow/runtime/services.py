@@ -12,10 +12,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.apply import Destinations
 from consumer.intake import ConsumerConfig, OrderConsumer
-from orderflow.health import serve_health
-from orderflow.metrics import ConsumerMetrics, RelayMetrics
-from orderflow.settings import Settings
-from orderflow.wiring import (
+from orderflow.runtime.health import serve_health
+from orderflow.runtime.metrics import ConsumerMetrics, RelayMetrics
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import (
     ServiceError,
     StartupError,
     check_database,

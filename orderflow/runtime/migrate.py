@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
-from orderflow.settings import async_database_url
+from orderflow.runtime.settings import async_database_url
 
 
 def alembic_config(database_url: str | None = None) -> Config:

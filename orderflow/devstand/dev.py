@@ -25,14 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumer.intake import OrderConsumer
 from consumer.models import Order
-from orderflow.embedded import EmbeddedKafka, EmbeddedPostgres
-from orderflow.migrate import upgrade_async
-from orderflow.samples import SampleStream
-from orderflow.services import run_consumer, run_relay
-from orderflow.settings import Settings
-from orderflow.signals import stop_on_signals
-from orderflow.topics import ensure_topics
-from orderflow.wiring import create_engine, session_factory
+from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
+from orderflow.runtime.migrate import upgrade_async
+from orderflow.runtime.services import run_consumer, run_relay
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.signals import stop_on_signals
+from orderflow.runtime.topics import ensure_topics
+from orderflow.runtime.wiring import create_engine, session_factory
+from orderflow.tools.samples import SampleStream
 from outbox.relay import Relay
 
 #: Tansu holds each consumer-group join for half the session timeout: keep it short here.

@@ -39,9 +39,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderflow.metrics import ComponentMetrics
-from orderflow.settings import Settings, SettingsError
-from orderflow.wiring import StartupError, create_engine, kafka_common
+from orderflow.runtime.metrics import ComponentMetrics
+from orderflow.runtime.settings import Settings, SettingsError
+from orderflow.runtime.wiring import StartupError, create_engine, kafka_common
 
 log = logging.getLogger("orderflow.health")
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from orderflow.settings import DatabaseTls, Settings, SettingsError, redacted
+from orderflow.runtime.settings import DatabaseTls, Settings, SettingsError, redacted
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 #: Room for a record's overhead (headers, key, batch framing) above the value size limit.
@@ -127,6 +127,12 @@ def database_ssl(tls: DatabaseTls) -> ssl.SSLContext | str | bool | None:
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Every session orderflow opens, the read API's included, comes from here.
+
+    ``expire_on_commit=False``: what a transaction loaded stays readable after its commit
+    and after the session closes, without a lazy load (a ``MissingGreenlet`` in async
+    code) or a ``DetachedInstanceError``.
+    """
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
@@ -138,7 +144,7 @@ async def check_database(engine: AsyncEngine, *, require_schema: bool = True) ->
             await connection.execute(text("SELECT 1"))
             if not require_schema:
                 return
-            from orderflow.migrate import head_revision
+            from orderflow.runtime.migrate import head_revision
 
             current = (
                 await connection.execute(

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from orderflow.settings import Settings
-from orderflow.wiring import StartupError, kafka_common
+from orderflow.runtime.settings import Settings
+from orderflow.runtime.wiring import StartupError, kafka_common
 
 
 async def ensure_topics(

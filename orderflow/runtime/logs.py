@@ -26,7 +26,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from orderflow.settings import LOG_FORMATS, SettingsError, log_format_from_env
+from orderflow.runtime.settings import LOG_FORMATS, SettingsError, log_format_from_env
 
 LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: ``scheme://user:password@`` -> ``scheme://user:***@`` (the password may hold anything

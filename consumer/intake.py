@@ -77,7 +77,10 @@ class ConsumerConfig:
     @property
     def sweep_interval(self) -> float:
         """How often the partitions are checked for parked events that waited long enough:
-        a tenth of the timeout, between 0.1 s and 5 s."""
+        a tenth of the timeout, between 0.1 s and 5 s (parking off: every 5 s, for what
+        was parked before it was turned off)."""
+        if not self.parking:
+            return 5.0
         return min(5.0, max(0.1, self.park_timeout / 10))
 
 

@@ -71,6 +71,9 @@ def test_settings(services: Services, template_database: str) -> Iterator[Settin
         kafka_idempotence=services.kafka_idempotence,
         kafka_session_timeout_ms=services.session_timeout_ms,
         db_pool_size=4,
+        # Parking off: what cannot apply is dead-lettered at once, which the tests of the
+        # other guarantees count on; the parking tests turn it on.
+        park_timeout_s=0,
     )
     asyncio.run(ensure_topics(settings, partitions=3))
     yield settings

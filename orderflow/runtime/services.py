@@ -48,6 +48,7 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         max_batch=settings.consumer_batch_size,
         concurrency=settings.db_pool_size,
         max_message_bytes=settings.max_message_bytes,
+        park_timeout=settings.park_timeout_s,
     )
 
 

@@ -45,6 +45,9 @@ class Settings:
     metrics_port: int | None = None
     #: Inbound messages larger than this are dead-lettered (schema_violation), not parsed.
     max_message_bytes: int = 1_048_576
+    #: Seconds an event that cannot apply yet waits (parked) for the events of its order it
+    #: needs before it is dead-lettered; 0 turns parking off.
+    park_timeout_s: float = 300.0
     #: Kafka: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
     kafka_security_protocol: str = "PLAINTEXT"
     #: Kafka SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with the SASL protocols).
@@ -113,6 +116,18 @@ class Settings:
                     f"got {raw!r}"
                 )
             values["outbox_retention_hours"] = hours
+        if env.get("ORDERFLOW_PARK_TIMEOUT_S"):
+            raw = env["ORDERFLOW_PARK_TIMEOUT_S"]
+            try:
+                seconds = float(raw)
+            except ValueError:
+                seconds = math.nan
+            if not math.isfinite(seconds) or seconds < 0:
+                raise SettingsError(
+                    "ORDERFLOW_PARK_TIMEOUT_S must be a number of seconds, 0 or more (0: no "
+                    f"parking), got {raw!r}"
+                )
+            values["park_timeout_s"] = seconds
         if env.get("ORDERFLOW_KAFKA_IDEMPOTENCE"):
             values["kafka_idempotence"] = _boolean(
                 "ORDERFLOW_KAFKA_IDEMPOTENCE", env["ORDERFLOW_KAFKA_IDEMPOTENCE"]

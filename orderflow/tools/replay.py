@@ -418,8 +418,14 @@ async def _run_bounded(
     )
     # The live consumer's configuration (limits, destinations), under the replay's group.
     config = consumer_config(settings)
+    # A replay ends, and no member of its group stays to release or expire what it would
+    # park: it parks nothing (what can't apply is dead-lettered, and its summary says so).
+    # What it applies releases what the live consumers parked, as any applied event does.
     config = dataclasses.replace(
-        config, group_id=group, concurrency=max(1, min(config.concurrency, len(work)))
+        config,
+        group_id=group,
+        concurrency=max(1, min(config.concurrency, len(work))),
+        park_timeout=0.0,
     )
     order_consumer = OrderConsumer(kafka, sessions, config)
     await start_kafka_client(kafka, settings)

@@ -42,6 +42,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ORDERFLOW_DB_POOL_SIZE": str(settings.db_pool_size),
         "ORDERFLOW_KAFKA_IDEMPOTENCE": "true" if settings.kafka_idempotence else "false",
         "ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        "ORDERFLOW_PARK_TIMEOUT_S": f"{settings.park_timeout_s:g}",
     }
     environment.update({name: value for name, value in values.items() if value is not None})
     environment.update(extra)

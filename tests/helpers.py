@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections import Counter
@@ -462,3 +463,21 @@ async def insert_orders(env: TestEnv, specs: list[tuple[datetime, str, str]]) ->
             )
             placed.append(Placed(order_id, created_at, status, email))
     return placed
+
+
+async def invoke_cli(settings: Settings, *arguments: str) -> Any:
+    """Run the real ``orderflow`` CLI configured as ``settings`` (in a thread: it runs its
+    own event loop); the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from orderflow.cli.main import app
+    from tests.e2e.processes import process_env
+
+    environment = {
+        name: value
+        for name, value in process_env(settings).items()
+        if os.environ.get(name) != value
+    }
+    return await asyncio.to_thread(
+        CliRunner().invoke, app, list(arguments), env=environment, catch_exceptions=False
+    )

@@ -5,26 +5,23 @@ letter shows, a poison redriven lands in the DLQ once more (no loop), and an
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from typing import Any
 
 import orjson
 import pytest
-from typer.testing import CliRunner
 
-from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.wiring import create_producer
 from orderflow.tools.dlq import REDRIVE_HEADER, DeadLetterFilter, DeadLetterScan, redrive
 from orderflow.tools.ranges import create_reader, stop_client
-from tests.e2e.processes import process_env
 from tests.events import paid, placed
 from tests.helpers import (
     TestEnv,
     applied_count,
     eventually,
     header_map,
+    invoke_cli,
     orders_by_id,
     produce,
     read_topic,
@@ -33,18 +30,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-async def invoke(settings: Settings, *arguments: str) -> Any:
-    """Run the real CLI (in a thread: it runs its own event loop)."""
-    environment = {
-        name: value
-        for name, value in process_env(settings).items()
-        if os.environ.get(name) != value
-    }
-    return await asyncio.to_thread(
-        CliRunner().invoke, app, list(arguments), env=environment, catch_exceptions=False
-    )
 
 
 async def scan(settings: Settings, filters: DeadLetterFilter) -> list[Any]:
@@ -84,7 +69,7 @@ async def test_list_shows_dead_letters_and_a_poison_redriven_fails_once_more(
         assert letter.preview() == "{not json"
         assert await scan(settings, DeadLetterFilter(reasons=frozenset({"unknown_order"}))) == []
 
-        listed = await invoke(settings, "dlq", "list", "--json")
+        listed = await invoke_cli(settings, "dlq", "list", "--json")
         assert listed.exit_code == 0, listed.output
         documents = [orjson.loads(line) for line in listed.stdout.splitlines() if line]
         assert [(d["reason"], d["value"], d["source_offset"]) for d in documents] == [
@@ -93,7 +78,7 @@ async def test_list_shows_dead_letters_and_a_poison_redriven_fails_once_more(
         assert "1 dead letters match" in listed.output
 
         # Nothing was fixed: redriven, it is dead-lettered again, once.
-        redriven = await invoke(settings, "dlq", "redrive", "--reason", "malformed_json")
+        redriven = await invoke_cli(settings, "dlq", "redrive", "--reason", "malformed_json")
         assert redriven.exit_code == 0, redriven.output
         assert "scanned=1 matched=1 published=1" in redriven.output
         await dead_letter_count(settings, 2)
@@ -109,12 +94,12 @@ async def test_list_shows_dead_letters_and_a_poison_redriven_fails_once_more(
     assert header_map(copies[0].headers)[REDRIVE_HEADER] == letter.position
     assert (copies[0].partition, copies[0].offset) == (again.source_partition, again.source_offset)
 
-    dry = await invoke(
+    dry = await invoke_cli(
         settings, "dlq", "redrive", "--dry-run", "--at", f"{again.partition}:{again.offset}"
     )
     assert dry.exit_code == 0, dry.output
     assert "scanned=1 matched=1 published=0" in dry.output
-    bad = await invoke(settings, "dlq", "list", "--reason", "typo")
+    bad = await invoke_cli(settings, "dlq", "list", "--reason", "typo")
     assert bad.exit_code == 1
     assert bad.output.startswith("orderflow: error: --reason: 'typo' is not a dead-letter reason")
 
@@ -163,7 +148,7 @@ async def test_an_unknown_order_event_redriven_after_its_order_arrived_is_applie
         assert (order.status, order.version) == ("paid", 2)
 
         # A second redrive of the same dead letter: a duplicate, skipped, not dead-lettered.
-        second = await invoke(settings, "dlq", "redrive", "--reason", "unknown_order")
+        second = await invoke_cli(settings, "dlq", "redrive", "--reason", "unknown_order")
         assert second.exit_code == 0, second.output
         assert "published=1" in second.output
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -13,11 +12,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import func, select, text
-from typer.testing import CliRunner
 
 from consumer.apply import Destinations, InboundMessage, apply_batch
 from consumer.models import ConsumerOffset, Order
-from orderflow.cli.main import app
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from orderflow.runtime.wiring import create_producer
@@ -30,7 +27,6 @@ from orderflow.tools.replay import (
     replay_outbox,
     replay_topic,
 )
-from tests.e2e.processes import process_env
 from tests.events import Message, paid, placed, shipped
 from tests.helpers import (
     TestEnv,
@@ -38,6 +34,7 @@ from tests.helpers import (
     decode_json,
     eventually,
     header_map,
+    invoke_cli,
     orders_by_id,
     outbox_rows,
     produce,
@@ -63,18 +60,6 @@ async def apply_directly(env: TestEnv, messages: Sequence[Message]) -> None:
         ],
         expected_offset=None,
         now=datetime.now(UTC),
-    )
-
-
-async def invoke(settings: Settings, *arguments: str) -> Any:
-    """Run the real CLI (in a thread: it runs its own event loop)."""
-    environment = {
-        name: value
-        for name, value in process_env(settings).items()
-        if name not in os.environ or os.environ[name] != value
-    }
-    return await asyncio.to_thread(
-        CliRunner().invoke, app, list(arguments), env=environment, catch_exceptions=False
     )
 
 
@@ -145,14 +130,14 @@ async def test_replay_outbox_republishes_the_same_messages_in_order_with_filters
         await producer.stop()
 
     # The command itself: a dry run counts, a retention note when --since is too early.
-    result = await invoke(
+    result = await invoke_cli(
         env.settings, "replay", "outbox", "--since", "5h", "--order", str(first), "--dry-run"
     )
     assert result.exit_code == 0, result.output
     assert "matched=3 published=0" in result.output
     assert "dry run" in result.output
     assert "nothing older can be replayed" in result.output
-    bad = await invoke(env.settings, "replay", "outbox", "--since", "1h", "--order", "nope")
+    bad = await invoke_cli(env.settings, "replay", "outbox", "--since", "1h", "--order", "nope")
     assert bad.exit_code == 1
     assert bad.output.strip() == "orderflow: error: --order: 'nope' is not an order id (a UUID)"
 
@@ -198,12 +183,12 @@ async def test_replay_topic_skips_applied_events_and_stops_at_the_end(env: TestE
 
     # Through the command, for one partition, while nothing changed: all skipped.
     partition = next(r.partition for r in outcome.ranges if r.size)
-    result = await invoke(env.settings, "replay", "topic", "--from-offset", f"{partition}:0")
+    result = await invoke_cli(env.settings, "replay", "topic", "--from-offset", f"{partition}:0")
     assert result.exit_code == 0, result.output
     assert "applied=0" in result.output
     skipped_line = next(line for line in result.output.splitlines() if "applied=" in line)
     assert "dead_lettered=" in skipped_line
-    live_group = await invoke(
+    live_group = await invoke_cli(
         env.settings,
         "replay",
         "topic",
@@ -282,7 +267,7 @@ async def test_replay_topic_applies_into_a_fresh_database_between_timestamps(
     updates = await outbox_rows(env.sessions, env.settings.outbound_topic)
     assert len(updates) == 13  # one update per applied event, as the live consumer makes
 
-    dry_again = await invoke(
+    dry_again = await invoke_cli(
         env.settings, "replay", "topic", "--from-timestamp", base.isoformat(), "--dry-run"
     )
     assert dry_again.exit_code == 0, dry_again.output
@@ -338,19 +323,19 @@ async def test_inbox_is_read_after_the_order_lock(env: TestEnv) -> None:
 
 
 async def test_replay_topic_rejects_bad_positions(env: TestEnv) -> None:
-    result = await invoke(env.settings, "replay", "topic", "--from-offset", "9:0")
+    result = await invoke_cli(env.settings, "replay", "topic", "--from-offset", "9:0")
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == (
         f"orderflow: error: partition 9 does not exist: {env.settings.inbound_topic} "
         "has partitions 0-2"
     )
-    result = await invoke(env.settings, "replay", "topic", "--from-offset", "0:5")
+    result = await invoke_cli(env.settings, "replay", "topic", "--from-offset", "0:5")
     assert result.exit_code == 1
     assert "offset 5 is outside partition 0" in result.output
-    result = await invoke(env.settings, "replay", "topic", "--from-timestamp", "yesterday")
+    result = await invoke_cli(env.settings, "replay", "topic", "--from-timestamp", "yesterday")
     assert result.exit_code == 1
     assert "--from-timestamp: 'yesterday' is not a time" in result.output
-    result = await invoke(env.settings, "replay", "topic")
+    result = await invoke_cli(env.settings, "replay", "topic")
     assert result.exit_code == 1
     assert "give exactly one start" in result.output
 
@@ -381,13 +366,13 @@ async def test_backfill_runs_lists_each_run_with_its_filters_status_and_counts(
     first, second = uuid.uuid4(), uuid.uuid4()
     await apply_directly(env, [placed(first), placed(second), paid(first)])
 
-    empty = await invoke(env.settings, "backfill", "runs")
+    empty = await invoke_cli(env.settings, "backfill", "runs")
     assert empty.exit_code == 0, empty.output
     assert "no backfill runs yet" in empty.output
 
-    backfill = await invoke(env.settings, "backfill", "snapshots", "--status", "paid")
+    backfill = await invoke_cli(env.settings, "backfill", "snapshots", "--status", "paid")
     assert backfill.exit_code == 0, backfill.output
-    listed = await invoke(env.settings, "backfill", "runs", "--json")
+    listed = await invoke_cli(env.settings, "backfill", "runs", "--json")
     assert listed.exit_code == 0, listed.output
     runs = [decode_json(line.encode()) for line in listed.stdout.splitlines() if line]
     assert len(runs) == 1

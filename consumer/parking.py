@@ -209,6 +209,16 @@ async def due_partitions(
         return sorted(int(partition) for partition in rows.scalars())
 
 
+async def list_parked(
+    session: AsyncSession, *, order_id: uuid.UUID | None = None, limit: int | None = None
+) -> list[ParkedEvent]:
+    """Parked events (of ``order_id``, or all), the earliest arrival first."""
+    statement = select(ParkedEvent).order_by(ParkedEvent.id).limit(limit)
+    if order_id is not None:
+        statement = statement.where(ParkedEvent.order_id == order_id)
+    return list((await session.execute(statement)).scalars())
+
+
 _SUMMARY: Final = text(
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0) "
     "FROM parked_events WHERE group_id = :group_id"

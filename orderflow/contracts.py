@@ -41,6 +41,7 @@ from consumer.events import (
     Envelope,
     EventType,
 )
+from consumer.parking import PARKED_MS_HEADER
 from consumer.state_machine import OrderStatus
 from consumer.updates import SNAPSHOT_CHANGE, UPDATE_EVENT_TYPE
 from orderflow.runtime.settings import Settings
@@ -547,6 +548,12 @@ def asyncapi_document() -> dict[str, Any]:
                 ),
                 "source.offset": _text_header(
                     "The inbound offset, as decimal text.", pattern="^[0-9]+$"
+                ),
+                PARKED_MS_HEADER: _text_header(
+                    "Only on a message that waited (was parked) for earlier events of its "
+                    "order before it was dead-lettered: how long it waited, in milliseconds, "
+                    "as decimal text.",
+                    pattern="^[0-9]+$",
                 ),
             },
             "required": [

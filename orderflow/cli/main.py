@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli import backfill, dlq, observe, replay, schemas, teams
+from orderflow.cli import backfill, dlq, observe, parked, replay, schemas, teams
 from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
@@ -115,13 +115,27 @@ def consume(
             show_default=False,
         ),
     ] = None,
+    park_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help=(
+                "Seconds an event that cannot apply yet waits for the events of its order "
+                "it needs before it is dead-lettered; 0: no waiting. "
+                "Env: ORDERFLOW_PARK_TIMEOUT_S (default: 300)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     metrics_port: MetricsPort = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run one consumer-group member: inbound events -> orders + outbox, one transaction per batch.
 
-    Run as many as you like (up to one per partition does work). SIGTERM or Ctrl-C
-    finishes the batch in flight and exits 0; a second signal exits at once.
+    Run as many as you like (up to one per partition does work). An event that arrives
+    before one it needs (an OrderPaid before its OrderPlaced) waits, and is applied right
+    after it. SIGTERM or Ctrl-C finishes the batch in flight and exits 0; a second signal
+    exits at once.
     """
     logs.configure(log_level)
     settings = load_settings(
@@ -133,6 +147,7 @@ def consume(
         dlq_topic=dlq_topic,
         db_pool_size=pool_size,
         consumer_batch_size=batch_size,
+        park_timeout_s=park_timeout,
         metrics_port=metrics_port,
     )
 
@@ -384,6 +399,7 @@ for _name, _group in (
     ("backfill", backfill.backfill_app),
     ("replay", replay.replay_app),
     ("dlq", dlq.dlq_app),
+    ("parked", parked.parked_app),
     ("schemas", schemas.schemas_app),
 ):
     app.add_typer(_group, name=_name)

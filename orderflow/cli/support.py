@@ -131,6 +131,21 @@ def parse_time(text: str, option: str, *, now: datetime | None = None) -> tuple[
     return moment, moment.isoformat().replace("+00:00", "Z")
 
 
+def parse_duration(text: str, option: str) -> timedelta:
+    """A duration: 90s, 30m, 2h, 7d, 1w, or a number of seconds."""
+    raw = text.strip().lower()
+    match = _DURATION.match(raw)
+    if match:
+        return timedelta(seconds=float(match["amount"]) * _UNIT_SECONDS[match["unit"]])
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        fail(f"{option}: {text!r} is not a duration; use 90s, 30m, 2h, 7d, 1w or seconds")
+    return timedelta(seconds=seconds)
+
+
 def parse_optional_time(text: str | None, option: str) -> tuple[datetime | None, str | None]:
     if text is None:
         return None, None

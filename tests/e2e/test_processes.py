@@ -430,6 +430,7 @@ def help_text(command: str) -> str:
                 "ORDERFLOW_CONSUMER_GROUP",
                 "ORDERFLOW_DB_POOL_SIZE",
                 "ORDERFLOW_CONSUMER_BATCH_SIZE",
+                "ORDERFLOW_PARK_TIMEOUT_S",
             ],
         ),
         ("relay", ["DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "ORDERFLOW_RELAY_BATCH_SIZE"]),

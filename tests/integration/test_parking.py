@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from sqlalchemy import select, update
 
@@ -24,6 +25,7 @@ from tests.helpers import (
     decode_json,
     expected_outcome,
     header_map,
+    invoke_cli,
     orders_by_id,
     outbox_rows,
 )
@@ -454,3 +456,53 @@ async def test_a_poison_event_in_the_middle_holds_its_order_until_it_is_fixed(
         (2, "OrderPaid"),
         (3, "OrderShipped"),
     ]
+
+
+async def test_parked_list_shows_what_waits_and_parked_expire_dead_letters_it(
+    env: TestEnv,
+) -> None:
+    waiting, other = uuid.uuid4(), uuid.uuid4()
+    partition = Partition(env)
+    await partition.apply(paid(waiting), shipped(other))
+
+    listed = await invoke_cli(env.settings, "parked", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    documents = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert [(d["order_id"], d["event_type"], d["reason"]) for d in documents] == [
+        (str(waiting), "OrderPaid", "unknown_order"),
+        (str(other), "OrderShipped", "unknown_order"),
+    ]
+    assert documents[0]["source"] == {"topic": TOPIC, "partition": 0, "offset": 0}
+    one = await invoke_cli(env.settings, "parked", "list", "--order", str(other))
+    assert one.exit_code == 0, one.output
+    assert str(other) in one.stdout
+    assert str(waiting) not in one.stdout
+
+    dry = await invoke_cli(env.settings, "parked", "expire", "--order", str(waiting), "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "matched=1 dead-lettered=0" in dry.stdout
+    assert len(await parked_rows(env)) == 2
+    young = await invoke_cli(env.settings, "parked", "expire", "--older-than", "1h")
+    assert "matched=0" in young.stdout
+    done = await invoke_cli(env.settings, "parked", "expire", "--order", str(waiting))
+    assert done.exit_code == 0, done.output
+    assert "matched=1 dead-lettered=1" in done.stdout
+    assert [row.order_id for row in await parked_rows(env)] == [other]
+    [letter] = await dead_letters(env)
+    assert (letter["error.reason"], letter["source.offset"]) == ("unknown_order", "0")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (("parked", "list", "--order", "not-a-uuid"), "--order"),
+        (("parked", "expire", "--older-than", "soon"), "--older-than"),
+    ],
+)
+async def test_bad_parked_options_are_one_line_naming_them(
+    env: TestEnv, arguments: tuple[str, ...], named: str
+) -> None:
+    result = await invoke_cli(env.settings, *arguments)
+    assert result.exit_code != 0
+    assert named in result.output
+    assert "Traceback" not in result.output

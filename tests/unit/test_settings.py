@@ -294,6 +294,19 @@ def test_bad_max_message_bytes_names_the_variable(raw: str) -> None:
     assert_one_line_naming(excinfo.value, "ORDERFLOW_MAX_MESSAGE_BYTES")
 
 
+def test_park_timeout_from_the_environment() -> None:
+    assert Settings.from_env({}).park_timeout_s == 300.0
+    assert settings(ORDERFLOW_PARK_TIMEOUT_S="2.5").park_timeout_s == 2.5
+    assert settings(ORDERFLOW_PARK_TIMEOUT_S="0").park_timeout_s == 0.0  # parking off
+
+
+@pytest.mark.parametrize("raw", ["5m", "-1", "nan", "inf"])
+def test_bad_park_timeout_names_the_variable(raw: str) -> None:
+    with pytest.raises(SettingsError) as excinfo:
+        settings(ORDERFLOW_PARK_TIMEOUT_S=raw)
+    assert_one_line_naming(excinfo.value, "ORDERFLOW_PARK_TIMEOUT_S")
+
+
 # --- secrets never shown ---------------------------------------------------------------------
 
 

@@ -81,9 +81,11 @@ class BatchOutcome:
     rejections: list[tuple[InboundMessage, RejectedEvent, InboundEvent | None]] = field(
         default_factory=list
     )
-    #: Events parked by this batch, and parked events it applied, by event type.
+    #: Events parked by this batch; parked events it applied; parked events it
+    #: dead-lettered because they can never apply now (also in ``dead_letters``).
     parked: Counter[str] = field(default_factory=Counter)
     released: Counter[str] = field(default_factory=Counter)
+    abandoned: Counter[str] = field(default_factory=Counter)
 
     @property
     def dead_lettered(self) -> int:
@@ -286,6 +288,7 @@ class _Batch:
                     )
                     self.outcome.dead_letters[error.reason] += 1
                     self.outcome.rejections.append((parked.message, error, parked.event))
+                    self.outcome.abandoned[parked.event.event_type.value] += 1
                     break
                 queue.remove(parked)
                 self._leave(parked)

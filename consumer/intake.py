@@ -94,10 +94,19 @@ class ConsumerStats:
     dead_letters: Counter[DeadLetterReason] = field(default_factory=Counter)
     retries: int = 0
     fenced: int = 0
-    #: Parked events by event type: parked, released (applied later), expired.
+    #: Parked events by event type: parked, released (applied later), expired, and
+    #: abandoned (dead-lettered once their order moved on to where they can't apply).
     parked: Counter[str] = field(default_factory=Counter)
     released: Counter[str] = field(default_factory=Counter)
     expired: Counter[str] = field(default_factory=Counter)
+    abandoned: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def waiting(self) -> int:
+        """Events this member parked that have not left (some may have left through
+        another member, or an operator)."""
+        left = self.released.total() + self.expired.total() + self.abandoned.total()
+        return self.parked.total() - left
 
     def add(self, outcome: BatchOutcome) -> None:
         self.batches += 1
@@ -106,6 +115,7 @@ class ConsumerStats:
         self.dead_letters.update(outcome.dead_letters)
         self.parked.update(outcome.parked)
         self.released.update(outcome.released)
+        self.abandoned.update(outcome.abandoned)
 
     def add_expired(self, outcome: Expired) -> None:
         self.expired.update(outcome.expired)

@@ -141,7 +141,8 @@ async def _feed(settings: Settings, stop: asyncio.Event, flow: Flow, rate: float
     )
     await producer.start()
     try:
-        stream = SampleStream(seed=int(time.time()), clock=lambda: datetime.now(UTC))
+        # Racing producers too: every 8th order has two events the wrong way round.
+        stream = SampleStream(seed=int(time.time()), race_every=8, clock=lambda: datetime.now(UTC))
         interval = 1.0 / rate
         next_send = time.monotonic()
         while not stop.is_set():
@@ -212,6 +213,12 @@ def _view(flow: Flow) -> Group:
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(consumer.dead_letters.items())) or "-"
         table.add_row("consumer applied", str(consumer.applied))
         table.add_row("duplicates skipped", str(consumer.duplicates))
+        table.add_row(
+            "parked",
+            f"{sum(consumer.parked.values())} arrived early, "
+            f"{sum(consumer.released.values())} released in order, "
+            f"{consumer.waiting} waiting, {sum(consumer.expired.values())} expired",
+        )
         table.add_row("dead-lettered", f"{sum(consumer.dead_letters.values())}  ({reasons})")
     if relay is not None:
         table.add_row("relay published", f"{relay.published}  (owns {relay.owned_shards} shards)")
@@ -254,6 +261,9 @@ def _summary(flow: Flow) -> str:
         parts += [
             f"applied={consumer.applied}",
             f"duplicates={consumer.duplicates}",
+            f"parked={sum(consumer.parked.values())}",
+            f"released={sum(consumer.released.values())}",
+            f"waiting={consumer.waiting}",
             f"dead_lettered={sum(consumer.dead_letters.values())}",
         ]
     if relay is not None:

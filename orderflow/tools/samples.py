@@ -44,7 +44,8 @@ class SampleMessage:
 
     key: bytes | None
     value: bytes | None
-    #: "event" (should apply), "duplicate", or a dead-letter reason.
+    #: "event" (should apply), "early" (overtook the event it needs: waits for it, then
+    #: applies, with parking on), "duplicate", or a dead-letter reason.
     expect: str
     order_id: uuid.UUID | None = None
 
@@ -76,7 +77,9 @@ class SampleStream:
 
     About every ``fault_every``-th message is a mistake: a re-sent event (duplicate),
     malformed bytes, a wrong type, an unknown event type, an event for an unknown order, a
-    payment of the wrong amount, or a shipment before payment.
+    payment of the wrong amount, or a shipment before payment. With ``race_every``, about
+    every ``race_every``-th order comes from racing producers: two of its consecutive
+    events arrive swapped (the payment before the order, say), which parking puts right.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class SampleStream:
         *,
         open_orders: int = 20,
         fault_every: int = 25,
+        race_every: int = 0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         """``clock`` stamps ``occurred_at``; by default a fixed start plus one second per event,
@@ -93,6 +97,8 @@ class SampleStream:
         self._clock = clock
         self._open_orders = open_orders
         self._fault_every = fault_every
+        self._race_every = race_every
+        self._lifecycles = 0
         self._active: list[list[SampleMessage]] = []
         self._sent: list[SampleMessage] = []
         self.count = 0
@@ -156,6 +162,15 @@ class SampleStream:
             )
         )
         steps.append(message("OrderDelivered", {}))
+        self._lifecycles += 1
+        if self._race_every and self._lifecycles % self._race_every == 0:
+            # Racing producers: one pair of consecutive events arrives the other way round.
+            first = rng.randrange(len(steps) - 1)
+            later, early = steps[first], steps[first + 1]
+            steps[first : first + 2] = [
+                SampleMessage(early.key, early.value, "early", early.order_id),
+                later,
+            ]
         return steps
 
     def _fault(self) -> SampleMessage | None:
@@ -165,7 +180,7 @@ class SampleStream:
              "unknown_order", "amount_mismatch", "invalid_transition"]
         )  # fmt: skip
         if kind == "duplicate":
-            applied = [m for m in self._sent[-50:] if m.expect == "event"]
+            applied = [m for m in self._sent[-50:] if m.expect in ("event", "early")]
             if not applied:
                 return None
             original = rng.choice(applied)

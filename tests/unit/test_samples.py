@@ -13,6 +13,7 @@ from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import InboundEvent, decode_event
 from consumer.state_machine import OrderState, transition
 from orderflow.tools.samples import SampleMessage, SampleStream, encode, event_document
+from tests.helpers import expected_outcome
 
 AT = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 FAULT_REASONS = {
@@ -201,3 +202,23 @@ def test_event_document_and_encode() -> None:
     event = decode_event(str(order_id).encode(), encode(document))
     assert event.event_id == given
     assert event.occurred_at == AT
+
+
+def test_racing_producers_swap_two_events_of_some_orders_and_parking_puts_them_right() -> None:
+    messages = take(SampleStream(seed=5, fault_every=0, race_every=4), 400)
+    early = [m for m in messages if m.expect == "early"]
+    assert early
+    stream = [(m.key, m.value) for m in messages]
+    parked = expected_outcome(stream, park=True)
+    # Every early event waits for the one it needs and is released, but for those whose
+    # partner the stream ends before (they would expire).
+    assert parked.dead_letters.total() == parked.expired
+    assert parked.released + parked.expired == parked.parked
+    assert parked.parked >= len(early) - 5
+    assert parked.released > 0
+    # Without parking, an early event is dead-lettered.
+    assert sum(expected_outcome(stream).dead_letters.values()) >= len(early)
+
+
+def test_without_races_nothing_arrives_early() -> None:
+    assert all(m.expect != "early" for m in take(SampleStream(seed=5), 500))

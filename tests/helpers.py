@@ -291,10 +291,15 @@ class Expected:
     parked: int = 0
     released: int = 0
     expired: int = 0
+    #: Without expiry: the event ids still parked at the end.
+    waiting: list[uuid.UUID] = field(default_factory=list)
 
 
 def expected_outcome(
-    messages: Iterable[tuple[bytes | None, bytes | None]], *, park: bool = False
+    messages: Iterable[tuple[bytes | None, bytes | None]],
+    *,
+    park: bool = False,
+    expire: bool = True,
 ) -> Expected:
     """Replay ``messages`` (in per-key order) through decode + transition: the exact end state.
 
@@ -302,7 +307,8 @@ def expected_outcome(
     apply yet waits, and is applied right after the event it needed (the earliest arrival
     first, until none applies); one that can never apply any more is dead-lettered then;
     what still waits at the end is dead-lettered when it expires, with the reason it
-    arrived with (``expired`` counts those).
+    arrived with (``expired`` counts those) — or, without ``expire``, still waits
+    (``waiting``: the event ids, as the parked events table holds them).
     """
     expected = Expected()
     seen: set[uuid.UUID] = set()
@@ -365,9 +371,12 @@ def expected_outcome(
         apply(event, state)
         release(event.order_id)
     for queue in waiting.values():
-        for _, error in queue:
-            expected.dead_letters[error.reason.value] += 1
-            expected.expired += 1
+        for parked_event, error in queue:
+            if expire:
+                expected.dead_letters[error.reason.value] += 1
+                expected.expired += 1
+            else:
+                expected.waiting.append(parked_event.event_id)
     return expected
 
 

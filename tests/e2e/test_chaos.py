@@ -33,7 +33,7 @@ from aiokafka.structs import RecordMetadata
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from consumer.models import ConsumerOffset, Order, ProcessedEvent
+from consumer.models import ConsumerOffset, Order, ParkedEvent, ProcessedEvent
 from orderflow.runtime.settings import Settings
 from orderflow.tools.samples import SampleStream
 from outbox.models import OutboxRecord
@@ -102,8 +102,10 @@ async def slow_database(env: TestEnv) -> AsyncIterator[str]:
 # --- the stream -------------------------------------------------------------------------------
 
 
-def sample_messages(count: int, *, seed: int, fault_every: int = 15) -> list[Message]:
-    stream = SampleStream(seed=seed, fault_every=fault_every)
+def sample_messages(
+    count: int, *, seed: int, fault_every: int = 15, race_every: int = 0
+) -> list[Message]:
+    stream = SampleStream(seed=seed, fault_every=fault_every, race_every=race_every)
     return [(message.key, message.value) for message in islice(stream, count)]
 
 
@@ -193,6 +195,8 @@ class Snapshot:
     #: Headers of the outbox rows aimed at the dead-letter topic.
     dead_letters: list[dict[str, str]] = field(default_factory=list)
     other_rows: int = 0
+    #: Event ids of the parked events.
+    parked: list[uuid.UUID] = field(default_factory=list)
 
     @property
     def stored(self) -> int:
@@ -221,6 +225,7 @@ async def snapshot(env: TestEnv) -> Snapshot:
                 )
             }
             processed = list((await connection.execute(select(ProcessedEvent.event_id))).scalars())
+            parked = list((await connection.execute(select(ParkedEvent.event_id))).scalars())
             rows = list(
                 await connection.execute(
                     select(OutboxRecord.topic, OutboxRecord.payload, OutboxRecord.headers).order_by(
@@ -228,7 +233,7 @@ async def snapshot(env: TestEnv) -> Snapshot:
                     )
                 )
             )
-    state = Snapshot(offsets=offsets, orders=orders, processed=processed)
+    state = Snapshot(offsets=offsets, orders=orders, processed=processed, parked=parked)
     for topic, payload, headers in rows:
         if topic == settings.outbound_topic:
             document = decode_json(payload)
@@ -268,10 +273,14 @@ def assert_state(state: Snapshot, expected: Expected, *, at: str) -> None:
     )
     assert [source for source, times in sources.items() if times > 1] == [], f"DLQ{where}"
     assert state.other_rows == 0, f"outbox rows for other topics{where}"
+    assert sorted(state.parked) == sorted(expected.waiting), f"parked events differ{where}"
 
 
-async def assert_consistent(env: TestEnv, stream: Stream, *, at: str) -> Snapshot:
-    """The effects stored are exactly those of the messages below the stored offsets."""
+async def assert_consistent(
+    env: TestEnv, stream: Stream, *, at: str, park: bool = False
+) -> Snapshot:
+    """The effects stored are exactly those of the messages below the stored offsets (with
+    ``park``: as parking makes them, nothing expired yet)."""
     deadline = time.monotonic() + 10
     while True:
         state = await snapshot(env)
@@ -281,14 +290,16 @@ async def assert_consistent(env: TestEnv, stream: Stream, *, at: str) -> Snapsho
         # The consumer read a record before our producer saw its ack: wait for the ack.
         assert time.monotonic() < deadline, f"offsets {state.offsets} past the acked records"
         await asyncio.sleep(0.1)
-    assert_state(state, expected_outcome(below), at=at)
+    assert_state(state, expected_outcome(below, park=park, expire=False), at=at)
     return state
 
 
-async def assert_exact_end_state(env: TestEnv, stream: Stream, *, at: str = "end") -> None:
+async def assert_exact_end_state(
+    env: TestEnv, stream: Stream, *, at: str = "end", park: bool = False
+) -> None:
     state = await snapshot(env)
     assert state.offsets == stream.end_offsets(), f"stored offsets ({at})"
-    assert_state(state, expected_outcome(stream.messages), at=at)
+    assert_state(state, expected_outcome(stream.messages, park=park, expire=False), at=at)
 
 
 async def wait_drained(
@@ -421,6 +432,52 @@ async def test_a_group_with_members_killed_joining_and_leaving_ends_in_the_exact
     await wait_drained(env, stream, list(members.values()))
     await asyncio.gather(*(sigterm(member) for member in members.values()))
     await assert_exact_end_state(env, stream)
+
+
+# --- SIGKILL and rebalances while events are parked ---------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_a_group_killed_and_rebalanced_while_events_wait_releases_each_once(
+    env: TestEnv, slow_database: str, launch: Launcher
+) -> None:
+    """Racing producers: every third order has two events the wrong way round, so events
+    are parked all the time, and released by a later batch, maybe of another member after
+    a rebalance or a kill. After every kill, and at the end, the database holds exactly
+    what the contract's resequencing makes of the messages below the stored offsets: each
+    early event applied once, in version order, or still parked — never lost, never twice."""
+    settings = env.with_settings(park_timeout_s=600)  # nothing expires during the test
+    rng = random.Random(2026)
+    stream = Stream(sample_messages(3000, seed=47, race_every=3))
+    expected = expected_outcome(stream.messages, park=True, expire=False)
+    assert expected.released > 100, "the stream must make events wait"
+    assert expected.waiting, "and some must still wait at the end"
+
+    def member() -> Process:
+        return launch.start("consume", settings, DATABASE_URL=slow_database, **BUSY)
+
+    members = {name: member() for name in ("a", "b")}
+    producing = asyncio.ensure_future(stream.flow(settings, per_second=120))
+    kills: list[int] = []
+    try:
+        for round_ in range(8):
+            if rng.random() < 0.75:  # else a kill in the middle of a rebalance
+                await wait_progress(env, stream, await stored_total(env), within=20)
+            await asyncio.sleep(rng.uniform(0.05, 1.5))
+            assert_all_running(list(members.values()))
+            victim = rng.choice(sorted(members))
+            await sigkill(members[victim])
+            state = await assert_consistent(env, stream, at=f"after kill {round_ + 1}", park=True)
+            kills.append(state.stored)
+            members[victim] = member()
+        await producing
+    finally:
+        await finish(producing)
+    assert kills[-1] < len(stream.messages), f"killed too late to test anything: {kills}"
+
+    await wait_drained(env, stream, list(members.values()))
+    await asyncio.gather(*(sigterm(member) for member in members.values()))
+    await assert_exact_end_state(env, stream, park=True)
 
 
 # --- SIGTERM while busy -------------------------------------------------------------------------

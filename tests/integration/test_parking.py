@@ -506,3 +506,23 @@ async def test_bad_parked_options_are_one_line_naming_them(
     assert result.exit_code != 0
     assert named in result.output
     assert "Traceback" not in result.output
+
+
+async def test_a_wrong_payment_in_the_middle_holds_what_follows_until_the_fixed_one_comes(
+    env: TestEnv,
+) -> None:
+    """The payment's amount is wrong (dead-lettered at once: it can never apply); the
+    shipment and delivery after it wait for a payment; the corrected payment, sent again
+    with the same event_id, applies and releases them."""
+    order_id = uuid.uuid4()
+    event_id = str(uuid.uuid4())
+    partition = Partition(env)
+    wrong = event("OrderPaid", order_id, {"payment_id": "p", "amount": "9.99"}, event_id=event_id)
+    await partition.apply(placed(order_id), wrong, shipped(order_id), delivered(order_id))
+    assert [letter["error.reason"] for letter in await dead_letters(env)] == ["amount_mismatch"]
+    assert [row.event_type for row in await parked_rows(env)] == ["OrderShipped", "OrderDelivered"]
+    right = event("OrderPaid", order_id, {"payment_id": "p", "amount": "25.00"}, event_id=event_id)
+    outcome = await partition.apply(right)
+    assert outcome.released == {"OrderShipped": 1, "OrderDelivered": 1}
+    assert [version for version, _ in await versions_emitted(env, order_id)] == [1, 2, 3, 4]
+    assert await parked_rows(env) == []

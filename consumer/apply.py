@@ -2,18 +2,24 @@
 
 The order of work inside the transaction is deliberate:
 
-1. lock the orders the batch touches (``SELECT ... FOR UPDATE``, lines and customer
-   eager-loaded), in id order so that concurrent partitions can't deadlock;
+1. lock the ids of the orders the batch touches (transaction-level advisory locks, in key
+   order), whether the orders exist yet or not, then the orders themselves
+   (``SELECT ... FOR UPDATE``, lines and customer eager-loaded), in id order, so that
+   concurrent partitions can't deadlock;
 2. in one statement, advance the stored offset (compare-and-set: a zombie and the
-   partition's new owner serialise on its row, and the loser rolls back) and find which of
-   the batch's event ids the inbox already holds. Its snapshot is taken *after* the locks,
-   so another group's transaction on the same orders (a replay) is seen committed. Every
-   transaction takes order locks (in id order) before the offset row, so none deadlock;
+   partition's new owner serialise on its row, and the loser rolls back), find which of
+   the batch's event ids the inbox (or the parked events) already holds, and whether the
+   batch's orders have parked events. Its snapshot is taken *after* the locks, so another
+   group's transaction on the same orders (a replay) is seen committed. Every transaction
+   takes order locks before the offset row, so none deadlock; then the parked events of
+   the batch's orders, locked (see :mod:`consumer.parking`);
 3. run the pure state machine over the events in offset order, in memory: every event is
-   applied, skipped as a duplicate, or rejected *before* anything is written, so a
-   rejected event changes nothing;
+   applied, parked, skipped as a duplicate, or rejected *before* anything is written, so
+   a rejected event changes nothing; after each applied event, its order's parked events
+   that now apply are applied too;
 4. write: customers (one upsert), orders through the ORM, then the inbox rows and the
-   outbox rows (updates and dead letters, in offset order) together in one statement.
+   outbox rows (updates and dead letters, in offset order) together in one statement, and
+   the parked events that left or arrived.
 
 Because the order rows are locked before their outbox rows are inserted, outbox id order
 is commit order for every order: what the relay needs to publish each order in sequence.
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, cast
 
-from sqlalchemy import Table, Text, any_, bindparam, func, insert, select, update
+from sqlalchemy import Table, Text, any_, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -151,6 +157,12 @@ async def apply_batch(
     async with session_factory() as session, session.begin():
         events = [item for item in decoded if isinstance(item, InboundEvent)]
         order_ids = sorted({event.order_id for event in events})
+        # Every transaction that applies events of an order holds its lock first, whether
+        # the order exists yet or not (a row lock can't cover an order with no row): one
+        # that parks an early OrderPaid and one that places its order elsewhere (a replay,
+        # an event without a key on another partition) take turns, so the second one
+        # sees what the first left: the parked payment to release, or the order.
+        await _lock_order_ids(session, order_ids)
         # Lock first, then read the inbox: a transaction of another group (a replay) that
         # applied one of these events under the same order lock is then seen as committed,
         # so its event counts as a duplicate instead of failing the state machine here.
@@ -171,8 +183,9 @@ async def apply_batch(
             now=now,
             states={order_id: order_state(order) for order_id, order in orders.items()},
             waiting=await load_waiting(session, order_ids) if advanced.waiting else {},
+            seen=set(advanced.seen),
         )
-        seen = set(advanced.seen)
+        seen = batch.seen
         for message, item in zip(messages, decoded, strict=True):
             if isinstance(item, RejectedEvent):
                 batch.reject(message, item, None)
@@ -215,16 +228,7 @@ async def apply_batch(
             )
         await add_messages(session, batch.emitted, along=inbox)
         await forget_parked(session, batch.left)
-        await write_parked(
-            session,
-            group_id,
-            [
-                parked
-                for queue in batch.waiting.values()
-                for parked in queue
-                if parked.row_id is None
-            ],
-        )
+        await write_parked(session, group_id, batch.newly_parked())
         outcome.applied = len(batch.applied)
     return outcome
 
@@ -239,6 +243,8 @@ class _Batch:
     states: dict[uuid.UUID, OrderState | None]
     #: Parked events by order, in arrival order: loaded (locked) ones and this batch's own.
     waiting: dict[uuid.UUID, list[Parked]]
+    #: Event ids applied or parked (a repeat is a duplicate); a dead-lettered one leaves.
+    seen: set[uuid.UUID]
     emitted: list[OutboxMessage] = field(default_factory=list)
     applied: list[tuple[InboundMessage, InboundEvent]] = field(default_factory=list)
     #: Rows of parked events this batch applied or dead-lettered.
@@ -277,6 +283,8 @@ class _Batch:
                         continue  # still waiting
                     queue.remove(parked)
                     self._leave(parked)
+                    # Dead-lettered, it leaves nothing: its corrected copy may apply.
+                    self.seen.discard(parked.event.event_id)
                     self.emitted.append(
                         parked_dead_letter(
                             parked,
@@ -398,6 +406,23 @@ _UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
 _INSERT_ORDERS: Final = insert(Order)
 _INSERT_LINES: Final = insert(OrderLine)
 _UPDATE_ORDERS: Final = update(Order)
+
+
+# The order-id locks: one transaction-level advisory lock per order (a hash of its id, in
+# a namespace of their own), taken in key order so that two transactions can't deadlock.
+_ORDER_LOCK_NAMESPACE: Final = 0x6F6F7264  # "oord"
+_LOCK_ORDER_IDS: Final = text(
+    "SELECT count(pg_advisory_xact_lock(:namespace, key)) FROM ("
+    "SELECT DISTINCT hashtext(CAST(id AS text)) AS key "
+    "FROM unnest(CAST(:order_ids AS uuid[])) AS id ORDER BY key) AS keys"
+)
+
+
+async def _lock_order_ids(session: AsyncSession, order_ids: Sequence[uuid.UUID]) -> None:
+    if order_ids:
+        await session.execute(
+            _LOCK_ORDER_IDS, {"namespace": _ORDER_LOCK_NAMESPACE, "order_ids": list(order_ids)}
+        )
 
 
 async def _lock_orders(

@@ -164,12 +164,18 @@ async def forget_parked(session: AsyncSession, row_ids: Sequence[int]) -> None:
 
 
 # Expiry deletes what it dead-letters in the same statement: the row lock it takes (or
-# waits for) is the one a release takes, so each parked event leaves exactly once.
+# waits for) is the one a release takes, so each parked event leaves exactly once. It
+# takes the locks in id order, as every other way out does (a plain DELETE would take
+# them in the table's physical order, and two transactions could wait for each other).
 _EXPIRE_PARTITION: Final = text(
     """
-    DELETE FROM parked_events
-    WHERE group_id = :group_id AND topic = :topic AND partition = :partition
-      AND parked_at <= now() - CAST(:older_than AS interval)
+    DELETE FROM parked_events WHERE id IN (
+        SELECT id FROM parked_events
+        WHERE group_id = :group_id AND topic = :topic AND partition = :partition
+          AND parked_at <= now() - CAST(:older_than AS interval)
+        ORDER BY id
+        FOR UPDATE
+    )
     RETURNING id, event_id, order_id, event_type, group_id, topic, partition, "offset",
               key, value, reason, message, parked_at
     """

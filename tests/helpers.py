@@ -334,6 +334,7 @@ def expected_outcome(
                     if can_apply_later(current, parked):
                         continue
                     queue.remove(item)
+                    seen.discard(parked.event_id)  # dead-lettered: its copy may apply
                     expected.dead_letters[error.reason.value] += 1
                     progressed = True
                     break

@@ -5,14 +5,16 @@ applied right after them in arrival order, and end applied or dead-lettered exac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
 from consumer.errors import OffsetConflict
@@ -526,3 +528,88 @@ async def test_a_wrong_payment_in_the_middle_holds_what_follows_until_the_fixed_
     assert outcome.released == {"OrderShipped": 1, "OrderDelivered": 1}
     assert [version for version, _ in await versions_emitted(env, order_id)] == [1, 2, 3, 4]
     assert await parked_rows(env) == []
+
+
+@pytest.mark.parametrize("split", [True, False])
+async def test_a_parked_event_dead_lettered_on_release_frees_its_event_id(
+    env: TestEnv, split: bool
+) -> None:
+    """A payment of the wrong amount waits for its order, which then shows another total:
+    it is dead-lettered, and leaves nothing behind, so its corrected copy (same event_id)
+    right behind the order applies."""
+    order_id, event_id = uuid.uuid4(), str(uuid.uuid4())
+    wrong = event("OrderPaid", order_id, {"payment_id": "p", "amount": "1.00"}, event_id=event_id)
+    right = event("OrderPaid", order_id, {"payment_id": "p", "amount": "25.00"}, event_id=event_id)
+    partition = Partition(env)
+    if split:
+        await partition.apply(wrong)
+        outcome = await partition.apply(placed(order_id), right)
+    else:
+        outcome = await partition.apply(wrong, placed(order_id), right)
+    assert outcome.duplicates == 0
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
+    assert [letter["error.reason"] for letter in await dead_letters(env)] == ["amount_mismatch"]
+
+
+async def hold_offset_row(env: TestEnv, partition: int) -> AsyncIterator[None]:
+    """Hold the row lock of ``partition``'s stored offset while the block runs: a batch of
+    that partition then waits in its compare-and-set, after it has read its orders."""
+    async with env.engine.connect() as side, side.begin():
+        await side.execute(
+            text(
+                "SELECT 1 FROM consumer_offsets WHERE topic = :topic AND partition = :p FOR UPDATE"
+            ),
+            {"topic": TOPIC, "p": partition},
+        )
+        yield
+
+
+async def test_an_event_parked_while_its_order_is_placed_on_another_partition_is_released(
+    env: TestEnv,
+) -> None:
+    """Events of one order on two partitions (a missing key, say): the payment's batch
+    finds no order and parks it, while the other partition places the order. Without a
+    lock on the order id, the placing batch sees no parked payment and the parking batch
+    no order: the payment would wait until it expires. With it, they take turns."""
+    order_id = uuid.uuid4()
+    parking, placing = Partition(env, number=0), Partition(env, number=1)
+    await parking.apply(placed(uuid.uuid4()))  # the partition's offset row exists
+    async with contextlib.asynccontextmanager(hold_offset_row)(env, 0):
+        early = asyncio.create_task(parking.apply(paid(order_id)))
+        await asyncio.sleep(0.3)  # it read its orders (none) and waits for the offset row
+        late = asyncio.create_task(placing.apply(placed(order_id)))
+        await asyncio.sleep(0.3)
+    await early
+    await late
+    assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
+    assert await parked_rows(env) == []
+
+
+async def test_expiry_takes_parked_rows_in_id_order_so_it_cannot_deadlock(env: TestEnv) -> None:
+    """After a release and a vacuum a later parked row can sit before an earlier one in
+    the table; an operator locking the earlier one and then the later one must not
+    deadlock with the partition's expiry."""
+    partition = Partition(env)
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await partition.apply(paid(first), paid(second))
+    await partition.apply(placed(first))  # releases the first row: its slot is free
+    async with env.engine.connect() as connection:
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await connection.execute(text("VACUUM parked_events"))
+    await partition.apply(paid(third))  # may take the freed slot
+    rows = await parked_rows(env)
+    assert [row.order_id for row in rows] == [second, third]
+    async with env.engine.connect() as operator, operator.begin():
+        await operator.execute(
+            text("SELECT 1 FROM parked_events WHERE id = :id FOR UPDATE"), {"id": rows[0].id}
+        )
+        expiry = asyncio.create_task(partition.expire())
+        await asyncio.sleep(0.3)  # the expiry waits for the first row, holding nothing
+        await asyncio.wait_for(
+            operator.execute(
+                text("SELECT 1 FROM parked_events WHERE id = :id FOR UPDATE"),
+                {"id": rows[1].id},
+            ),
+            timeout=10,
+        )
+    assert await asyncio.wait_for(expiry, timeout=10) == 2

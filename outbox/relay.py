@@ -397,11 +397,16 @@ class Relay:
                 # the last read filled a batch, or a commit was notified since.
                 worth_reading = in_flight is None or full or self._wake.is_set()
                 self._wake.clear()
-                rows: list[_Row] = []
+                outgoing: _Outgoing | None = None
                 if self._owned and not housekeeping and worth_reading:
                     # (With housekeeping due, the batch in flight finishes first.)
                     rows = await self._fetch(connection, in_flight.ids if in_flight else ())
                     full = len(rows) == self._config.batch_size
+                    if rows:
+                        # Built while the batch before it is on its way (CPU beside the
+                        # broker's work); what did not fit is read again with the next one.
+                        outgoing = await self._prepare(rows)
+                        full = full or len(outgoing.rows) < len(rows)
                 acknowledged: _InFlight | None = None
                 if in_flight is not None:
                     if not await self._acknowledged(in_flight):
@@ -409,10 +414,7 @@ class Relay:
                         await self._sleep(stop, backoff.next_delay())
                         continue  # what was fetched is dropped unsent, and read again
                     acknowledged, in_flight = in_flight, None
-                if rows and not stop.is_set():  # stopping: what was read waits for later
-                    outgoing = await self._prepare(rows)
-                    # What did not fit is read again with the next batch.
-                    full = full or len(outgoing.rows) < len(rows)
+                if outgoing is not None and not stop.is_set():  # stopping: it waits for later
                     # The fence: the session, and so the shard locks, is alive right now.
                     await self._probe(connection)
                     in_flight = await self._send(outgoing)

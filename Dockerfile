@@ -2,8 +2,9 @@
 #   docker build -t orderflow .
 #   docker run --rm -e DATABASE_URL=... -e KAFKA_BOOTSTRAP_SERVERS=... orderflow consume
 #
-# Build stage: install the project (runtime dependencies only, no `embedded`/`test`
-# extras) into a virtualenv; the runtime stage copies just that virtualenv.
+# Build stage: install the project (runtime dependencies and the `tracing` extra, so that
+# the OpenTelemetry environment can turn tracing on; no `embedded`/`test` extras) into a
+# virtualenv; the runtime stage copies just that virtualenv.
 FROM python:3.11-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -13,7 +14,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # .dockerignore keeps the virtualenv, caches, tests and docs out of the context.
 COPY . .
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install ".[tracing]"
 
 
 FROM python:3.11-slim

@@ -44,7 +44,7 @@ from sqlalchemy.orm import joinedload
 from consumer.bulk import execute_bulk
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
-from consumer.messages import InboundMessage, dead_letter
+from consumer.messages import InboundMessage, TraceHeaders, dead_letter
 from consumer.models import Customer, Order, OrderLine, ProcessedEvent
 from consumer.offsets import advance_offset
 from consumer.parking import (
@@ -62,6 +62,7 @@ from consumer.state_machine import (
     can_apply_later,
     transition,
 )
+from consumer.tracing import NO_TRACING, BatchTrace, Tracing
 from consumer.updates import UPDATE_EVENT_TYPE, build_update, update_event_id
 from outbox import OutboxMessage, add_messages
 from outbox.bulk import TableRows
@@ -92,6 +93,8 @@ class BatchOutcome:
     parked: Counter[str] = field(default_factory=Counter)
     released: Counter[str] = field(default_factory=Counter)
     abandoned: Counter[str] = field(default_factory=Counter)
+    #: The batch's trace id, when tracing is on (for its log line).
+    trace_id: str | None = None
 
     @property
     def dead_lettered(self) -> int:
@@ -128,6 +131,7 @@ async def apply_batch(
     rejected: Mapping[int, RejectedEvent] | None = None,
     max_message_bytes: int = MAX_EVENT_BYTES,
     park: bool = False,
+    tracing: Tracing = NO_TRACING,
 ) -> BatchOutcome:
     """Apply ``messages`` (one partition, consecutive, in offset order) in one transaction.
 
@@ -136,12 +140,12 @@ async def apply_batch(
     database itself refuses). A value over ``max_message_bytes`` is dead-lettered unparsed.
     With ``park``, an event that cannot apply *yet* is parked instead of dead-lettered (see
     :mod:`consumer.parking`); parked events of the batch's orders that now apply are
-    applied whether or not ``park`` is set.
+    applied whether or not ``park`` is set. Every row an event causes carries its trace
+    context on (``tracing``: spans too, when tracing is on; see :mod:`consumer.tracing`).
     Raises ``OffsetConflict`` when fenced; any other exception means nothing was written.
     """
     if not messages:
         raise ValueError("apply_batch needs at least one message")
-    first = messages[0]
     outcome = BatchOutcome(next_offset=messages[-1].offset + 1)
     forced = rejected or {}
     decoded: list[InboundEvent | RejectedEvent] = []
@@ -154,6 +158,45 @@ async def apply_batch(
         except RejectedEvent as error:
             decoded.append(error)
 
+    first = messages[0]
+    trace = tracing.batch(messages, group_id=group_id, topic=first.topic, partition=first.partition)
+    try:
+        with trace.transaction():
+            await _apply(
+                session_factory,
+                group_id=group_id,
+                destinations=destinations,
+                messages=messages,
+                decoded=decoded,
+                expected_offset=expected_offset,
+                now=now,
+                park=park,
+                trace=trace,
+                outcome=outcome,
+            )
+    except BaseException as error:
+        trace.end(error)
+        raise
+    trace.end()
+    outcome.trace_id = trace.trace_id
+    return outcome
+
+
+async def _apply(
+    session_factory: async_sessionmaker[AsyncSession],
+    *,
+    group_id: str,
+    destinations: Destinations,
+    messages: Sequence[InboundMessage],
+    decoded: list[InboundEvent | RejectedEvent],
+    expected_offset: int | None,
+    now: datetime,
+    park: bool,
+    trace: BatchTrace,
+    outcome: BatchOutcome,
+) -> None:
+    """The batch's transaction (see the module's docstring)."""
+    first = messages[0]
     async with session_factory() as session, session.begin():
         events = [item for item in decoded if isinstance(item, InboundEvent)]
         order_ids = sorted({event.order_id for event in events})
@@ -181,6 +224,7 @@ async def apply_batch(
             outcome=outcome,
             destinations=destinations,
             now=now,
+            trace=trace,
             states={order_id: order_state(order) for order_id, order in orders.items()},
             waiting=await load_waiting(session, order_ids) if advanced.waiting else {},
             seen=set(advanced.seen),
@@ -192,6 +236,7 @@ async def apply_batch(
                 continue
             if item.event_id in seen:
                 outcome.duplicates += 1
+                trace.event(message, "duplicate")
                 continue
             current = batch.states.get(item.order_id)
             try:
@@ -230,7 +275,6 @@ async def apply_batch(
         await forget_parked(session, batch.left)
         await write_parked(session, group_id, batch.newly_parked())
         outcome.applied = len(batch.applied)
-    return outcome
 
 
 @dataclass(slots=True)
@@ -245,26 +289,37 @@ class _Batch:
     waiting: dict[uuid.UUID, list[Parked]]
     #: Event ids applied or parked (a repeat is a duplicate); a dead-lettered one leaves.
     seen: set[uuid.UUID]
+    trace: BatchTrace
     emitted: list[OutboxMessage] = field(default_factory=list)
     applied: list[tuple[InboundMessage, InboundEvent]] = field(default_factory=list)
     #: Rows of parked events this batch applied or dead-lettered.
     left: list[int] = field(default_factory=list)
 
-    def apply(self, message: InboundMessage, event: InboundEvent, state: OrderState) -> None:
+    def apply(
+        self,
+        message: InboundMessage,
+        event: InboundEvent,
+        state: OrderState,
+        *,
+        outcome: str = "applied",
+    ) -> None:
         self.states[event.order_id] = state
         self.applied.append((message, event))
+        trace = self.trace.event(message, outcome)
         self.emitted.append(
-            _update_message(state, event, self.destinations.updates_topic, self.now)
+            _update_message(state, event, self.destinations.updates_topic, self.now, trace)
         )
 
     def reject(
         self, message: InboundMessage, error: RejectedEvent, event: InboundEvent | None
     ) -> None:
-        self.emitted.append(dead_letter(message, error, self.destinations.dead_letter_topic))
+        trace = self.trace.event(message, "dead-lettered")
+        self.emitted.append(dead_letter(message, error, self.destinations.dead_letter_topic, trace))
         self.outcome.dead_letters[error.reason] += 1
         self.outcome.rejections.append((message, error, event))
 
     def park(self, parked: Parked) -> None:
+        self.trace.event(parked.message, "parked")
         self.waiting.setdefault(parked.event.order_id, []).append(parked)
         self.outcome.parked[parked.event.event_type.value] += 1
 
@@ -292,6 +347,7 @@ class _Batch:
                             self.destinations.dead_letter_topic,
                             self.now,
                             why="it was parked, and its order moved on to where it can't apply",
+                            trace=self.trace.event(parked.message, "dead-lettered"),
                         )
                     )
                     self.outcome.dead_letters[error.reason] += 1
@@ -300,7 +356,7 @@ class _Batch:
                     break
                 queue.remove(parked)
                 self._leave(parked)
-                self.apply(parked.message, parked.event, state)
+                self.apply(parked.message, parked.event, state, outcome="released")
                 self.outcome.released[parked.event.event_type.value] += 1
                 break  # start again from the oldest
             else:
@@ -324,7 +380,7 @@ class _Batch:
 
 
 def _update_message(
-    state: OrderState, event: InboundEvent, topic: str, now: datetime
+    state: OrderState, event: InboundEvent, topic: str, now: datetime, trace: TraceHeaders
 ) -> OutboxMessage:
     return update_message(
         state,
@@ -333,6 +389,7 @@ def _update_message(
         change=event.event_type.value,
         causation_id=event.event_id,
         now=now,
+        trace=trace,
     )
 
 
@@ -344,8 +401,10 @@ def update_message(
     change: str,
     causation_id: uuid.UUID | None,
     now: datetime,
+    trace: TraceHeaders = (),
 ) -> OutboxMessage:
-    """The outbox message of one ``OrderUpdated`` (an applied event's, or a snapshot)."""
+    """The outbox message of one ``OrderUpdated`` (an applied event's, or a snapshot), with
+    the trace context it carries on."""
     return OutboxMessage(
         topic=topic,
         key=str(state.id).encode(),
@@ -360,6 +419,7 @@ def update_message(
             ("event_id", str(event_id)),
             ("event_type", UPDATE_EVENT_TYPE),
             ("content-type", CONTENT_TYPE),
+            *trace,
         ),
     )
 

@@ -37,6 +37,7 @@ from consumer.messages import InboundMessage
 from consumer.observe import NO_CONSUMER_OBSERVER, ConsumerObserver
 from consumer.offsets import load_offset
 from consumer.parking import Expired, due_partitions, expire_parked
+from consumer.tracing import NO_TRACING, Tracing, trace_headers, trace_id
 from outbox.faults import Backoff, is_data_error, is_transient
 
 log = logging.getLogger("orderflow.consumer")
@@ -136,6 +137,7 @@ def _inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
         offset=record.offset,
         key=record.key,
         value=record.value,
+        trace=trace_headers(record.headers),
     )
 
 
@@ -213,9 +215,11 @@ class OrderConsumer:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         observer: ConsumerObserver = NO_CONSUMER_OBSERVER,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._consumer = consumer
         self.observer = observer
+        self._tracing = tracing
         self._sessions = session_factory
         self._config = config
         self._clock = clock
@@ -600,6 +604,7 @@ class OrderConsumer:
             rejected=rejected,
             max_message_bytes=self._config.max_message_bytes,
             park=self._config.parking,
+            tracing=self._tracing,
         )
         self._known[partition] = outcome.next_offset
         self._sought.discard(partition)
@@ -685,6 +690,8 @@ def _log_batch(
         "dead_lettered": outcome.dead_lettered,
         "duration_ms": round(seconds * 1000, 1),
     }
+    if outcome.trace_id is not None:
+        fields["trace_id"] = outcome.trace_id
     if outcome.dead_letters:
         fields["dead_letter_reasons"] = {
             reason.value: count for reason, count in outcome.dead_letters.items()
@@ -699,16 +706,17 @@ def _log_batch(
         event_id, order_id = (
             (str(event.event_id), str(event.order_id)) if event else _identity(message.value)
         )
-        log.debug(
-            "event dead-lettered",
-            extra={
-                **_where(partition, message.offset),
-                "reason": error.reason.value,
-                "error": error.message,
-                "event_id": event_id,
-                "order_id": order_id,
-            },
-        )
+        details: dict[str, object] = {
+            **_where(partition, message.offset),
+            "reason": error.reason.value,
+            "error": error.message,
+            "event_id": event_id,
+            "order_id": order_id,
+        }
+        inbound_trace = trace_id(message.trace)
+        if inbound_trace is not None:
+            details["trace_id"] = inbound_trace
+        log.debug("event dead-lettered", extra=details)
 
 
 def _identity(value: bytes | None) -> tuple[str | None, str | None]:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from consumer.errors import RejectedEvent
 from outbox import OutboxMessage
 
+#: W3C trace context headers as text pairs (``traceparent``, maybe ``tracestate``).
+TraceHeaders = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
@@ -17,10 +20,15 @@ class InboundMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    #: Its W3C trace context, if it came with one (see :mod:`consumer.tracing`).
+    trace: TraceHeaders = ()
 
 
-def dead_letter(message: InboundMessage, error: RejectedEvent, topic: str) -> OutboxMessage:
-    """The DLQ record of a rejected message: original key and value bytes, contract headers."""
+def dead_letter(
+    message: InboundMessage, error: RejectedEvent, topic: str, trace: TraceHeaders = ()
+) -> OutboxMessage:
+    """The DLQ record of a rejected message: original key and value bytes, contract headers,
+    and the trace context it carries on (``trace``)."""
     return OutboxMessage(
         topic=topic,
         key=message.key,
@@ -31,5 +39,6 @@ def dead_letter(message: InboundMessage, error: RejectedEvent, topic: str) -> Ou
             ("source.topic", message.topic),
             ("source.partition", str(message.partition)),
             ("source.offset", str(message.offset)),
+            *trace,
         ),
     )

@@ -139,6 +139,9 @@ class ParkedEvent(Base):
     value: Mapped[bytes | None] = mapped_column(LargeBinary)
     reason: Mapped[str] = mapped_column(Text)
     message: Mapped[str] = mapped_column(Text)
+    #: The W3C trace context it came with, carried on to what it becomes.
+    traceparent: Mapped[str | None] = mapped_column(Text)
+    tracestate: Mapped[str | None] = mapped_column(Text)
     parked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     __table_args__ = (

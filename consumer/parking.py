@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from consumer.bulk import execute_bulk
 from consumer.errors import DeadLetterReason, InvalidTransition, RejectedEvent, UnknownOrder
 from consumer.events import InboundEvent, decode_event
-from consumer.messages import InboundMessage, dead_letter
+from consumer.messages import InboundMessage, TraceHeaders, dead_letter
 from consumer.models import ParkedEvent
 from consumer.offsets import advance_offset
 from outbox import OutboxMessage, add_messages
@@ -76,13 +76,21 @@ def waited_ms(parked: Parked, now: datetime) -> int:
 
 
 def parked_dead_letter(
-    parked: Parked, error: RejectedEvent, topic: str, now: datetime, *, why: str
+    parked: Parked,
+    error: RejectedEvent,
+    topic: str,
+    now: datetime,
+    *,
+    why: str,
+    trace: TraceHeaders | None = None,
 ) -> OutboxMessage:
     """The dead letter of a parked event: as any dead letter (original bytes and source),
-    with ``why`` after the reason's own sentence and how long it waited."""
+    with ``why`` after the reason's own sentence and how long it waited, and ``trace``
+    (by default the trace context it came with)."""
     waited = waited_ms(parked, now)
     reason = type(error)(f"{error.message}; {why} ({waited / 1000:.1f} s parked)")
-    letter = dead_letter(parked.message, reason, topic)
+    carried = parked.message.trace if trace is None else trace
+    letter = dead_letter(parked.message, reason, topic, carried)
     return OutboxMessage(
         topic=letter.topic,
         key=letter.key,
@@ -113,8 +121,18 @@ async def load_waiting(
 
 def _from_row(row: Any) -> Parked:
     """A parked event from its row (an ORM object, or a row with the same columns)."""
+    trace: TraceHeaders = ()
+    if row.traceparent:
+        trace = (("traceparent", row.traceparent),)
+        if row.tracestate:
+            trace += (("tracestate", row.tracestate),)
     message = InboundMessage(
-        topic=row.topic, partition=row.partition, offset=row.offset, key=row.key, value=row.value
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        key=row.key,
+        value=row.value,
+        trace=trace,
     )
     return Parked(
         message=message,
@@ -150,6 +168,8 @@ async def write_parked(session: AsyncSession, group_id: str, parked: Sequence[Pa
                 "value": item.message.value,
                 "reason": item.error.reason.value,
                 "message": item.error.message,
+                "traceparent": dict(item.message.trace).get("traceparent"),
+                "tracestate": dict(item.message.trace).get("tracestate"),
             }
             for item in parked
         ],
@@ -177,7 +197,7 @@ _EXPIRE_PARTITION: Final = text(
         FOR UPDATE
     )
     RETURNING id, event_id, order_id, event_type, group_id, topic, partition, "offset",
-              key, value, reason, message, parked_at
+              key, value, reason, message, traceparent, tracestate, parked_at
     """
 )
 

@@ -51,7 +51,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Protocol
@@ -75,6 +75,7 @@ from outbox.enqueue import SHARD_COUNT
 from outbox.faults import Backoff, is_data_error, is_transient
 from outbox.models import NOTIFY_CHANNEL
 from outbox.observe import NO_RELAY_OBSERVER, RelayObserver
+from outbox.tracing import NO_RELAY_TRACING, PublishTrace, RelayTracing
 
 log = logging.getLogger("orderflow.relay")
 
@@ -187,6 +188,7 @@ class _Outgoing:
 
     rows: list[_Row]
     record_batches: list[tuple[str, int, BatchBuilder]]
+    trace: PublishTrace
     #: Why the batch can't be sent at all (the producer could not place a row): it then
     #: fails as a batch the broker refused would.
     refused: Exception | None = None
@@ -201,6 +203,7 @@ class _InFlight:
     deliveries: asyncio.Future[None]
     #: Loop time when the batch was handed to the producer.
     started: float
+    trace: PublishTrace
 
 
 # Run on the driver connection itself (asyncpg, prepared once): the statements of every
@@ -283,9 +286,11 @@ class Relay:
         config: RelayConfig | None = None,
         *,
         observer: RelayObserver = NO_RELAY_OBSERVER,
+        tracing: RelayTracing = NO_RELAY_TRACING,
     ) -> None:
         self._engine = engine
         self._observer = observer
+        self._tracing = tracing
         self._partitioner = DefaultPartitioner()
         self.producer = producer
         self._config = config or RelayConfig()
@@ -430,6 +435,7 @@ class Relay:
             # in flight is published again by whoever owns its shards next.
             if in_flight is not None:
                 in_flight.deliveries.add_done_callback(_retrieve)
+                in_flight.deliveries.add_done_callback(_ending(in_flight.trace))
             raise
         if in_flight is not None:
             await self._settle(connection, in_flight)
@@ -437,6 +443,7 @@ class Relay:
     async def _settle(self, connection: AsyncConnection, batch: _InFlight) -> None:
         """Stopping with a batch on its way: mark it if its acks come soon, so that a clean
         stop repeats nothing; otherwise it is published again later."""
+        batch.deliveries.add_done_callback(_ending(batch.trace))
         try:
             # Not settled in time, or failed: the rows stay unmarked and go out again.
             with contextlib.suppress(Exception):
@@ -456,6 +463,7 @@ class Relay:
         newer messages of its keys before older ones.
         """
         producer = self.producer
+        trace = self._tracing.publish()
         builders: dict[tuple[str, int], BatchBuilder] = {}
         partitions: dict[tuple[str, bytes | None], int] = {}
         topic_partitions: dict[str, list[int]] = {}
@@ -470,19 +478,21 @@ class Relay:
                             await producer.partitions_for(row.topic)
                         )
                     except Exception as error:  # an unknown topic, say; retried later
-                        return _Outgoing(rows, [], refused=error)
+                        return _Outgoing(rows, [], trace, refused=error)
                 partition = self._partitioner(row.key, every, every)
                 if row.key is not None:
                     partitions[(row.topic, row.key)] = partition
             builder = builders.get((row.topic, partition))
             if builder is None:
                 builder = builders[(row.topic, partition)] = producer.create_batch()
+            headers = trace.headers(row.topic, partition, row.headers)
             # A builder takes its first record whatever its size: only a partition
             # that already has records here can be full.
             if (
-                builder.append(timestamp=None, key=row.key, value=row.payload, headers=row.headers)
+                builder.append(timestamp=None, key=row.key, value=row.payload, headers=headers)
                 is None
             ):
+                trace.drop_last()
                 break
             taken += 1
         return _Outgoing(
@@ -492,6 +502,7 @@ class Relay:
                 for (topic, partition), builder in builders.items()
                 if builder.record_count()
             ],
+            trace,
         )
 
     async def _send(self, outgoing: _Outgoing) -> _InFlight:
@@ -511,6 +522,7 @@ class Relay:
             ids=[row.id for row in outgoing.rows],
             deliveries=asyncio.ensure_future(_settled(deliveries, refused)),
             started=started,
+            trace=outgoing.trace,
         )
 
     async def _acknowledged(self, batch: _InFlight) -> bool:
@@ -518,6 +530,7 @@ class Relay:
         try:
             await batch.deliveries
         except Exception as error:
+            batch.trace.end(error)
             self.stats.failures += 1
             if isinstance(error, _BROKEN_PRODUCER) or _sender_died(self.producer):
                 raise ProducerBroken(f"the Kafka producer failed for good: {error!r}") from error
@@ -531,6 +544,7 @@ class Relay:
                 _one_line(error),
             )
             return False
+        batch.trace.end()
         waited = asyncio.get_running_loop().time() - batch.started
         self._observer.published(batch.rows, waited=waited)
         log.info(
@@ -712,6 +726,15 @@ def _headers(document: str) -> list[tuple[str, bytes]]:
         (str(name), value.encode() if type(value) is str else str(value).encode())
         for name, value in orjson.loads(document)
     ]
+
+
+def _ending(trace: PublishTrace) -> Callable[[asyncio.Future[None]], None]:
+    """A callback that ends ``trace`` once the batch it traces has settled."""
+
+    def end(future: asyncio.Future[None]) -> None:
+        trace.end(asyncio.CancelledError() if future.cancelled() else future.exception())
+
+    return end
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

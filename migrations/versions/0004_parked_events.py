@@ -10,7 +10,8 @@ written in the transaction that advances its partition's offset, and leaves in t
 transaction that applies it (released by an earlier event of its order) or dead-letters
 it (it waited ``ORDERFLOW_PARK_TIMEOUT_S``, or can no longer apply). ``id`` is the arrival
 order; ``event_id`` makes a repeat of a waiting event a duplicate; the original key and
-value bytes and source position are kept for the dead letter.
+value bytes, source position and W3C trace context are kept for the dead letter (or the
+update) it becomes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def upgrade() -> None:
         sa.Column("value", sa.LargeBinary(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
+        sa.Column("traceparent", sa.Text(), nullable=True),
+        sa.Column("tracestate", sa.Text(), nullable=True),
         sa.Column(
             "parked_at",
             sa.DateTime(timezone=True),

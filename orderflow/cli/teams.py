@@ -472,7 +472,13 @@ def tail_command(
     ] = False,
     as_json: Annotated[
         bool,
-        typer.Option("--json", help="Print each new update as it came, one JSON per line."),
+        typer.Option(
+            "--json",
+            help=(
+                "Print each new update as it came, one JSON per line (with trace_id, when "
+                "it carries a trace context)."
+            ),
+        ),
     ] = False,
     group: Annotated[
         str | None,
@@ -514,7 +520,7 @@ def tail_command(
                 return
             if as_json:
                 assert record.value is not None
-                print(record.value.decode(errors="replace"), flush=True)
+                print(_with_trace_id(record), flush=True)
                 return
             print(describe(outcome), flush=True)
 
@@ -569,3 +575,18 @@ def describe(outcome: Outcome) -> str:
     if outcome.missed:
         line += f"  (missed {outcome.missed} earlier version{'s' if outcome.missed > 1 else ''})"
     return line
+
+
+def _with_trace_id(record: ConsumerRecord[bytes, bytes]) -> str:
+    """The update as it came, with ``trace_id`` added when it carries a ``traceparent``."""
+    import orjson
+
+    from consumer.tracing import trace_headers, trace_id
+
+    value: bytes = record.value or b""
+    found = trace_id(trace_headers(record.headers))
+    if found is None:
+        return value.decode(errors="replace")
+    document = orjson.loads(value)
+    document["trace_id"] = found
+    return orjson.dumps(document).decode()

@@ -6,15 +6,17 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.apply import Destinations
 from consumer.intake import ConsumerConfig, OrderConsumer
+from consumer.tracing import NO_TRACING, SpanTracing
 from orderflow.runtime.health import serve_health
 from orderflow.runtime.metrics import ConsumerMetrics, RelayMetrics
 from orderflow.runtime.settings import Settings
+from orderflow.runtime.tracing import tracer_provider
 from orderflow.runtime.wiring import (
     ServiceError,
     StartupError,
@@ -27,6 +29,7 @@ from orderflow.runtime.wiring import (
 )
 from outbox.faults import Backoff
 from outbox.relay import ProducerBroken, PublishForbidden, Relay, RelayConfig
+from outbox.tracing import NO_RELAY_TRACING, SpanRelayTracing
 
 T = TypeVar("T")
 
@@ -71,23 +74,31 @@ async def run_consumer(
     # transient fault and is retried on a fresh one (the failed connection is discarded).
     engine = create_engine(settings, pre_ping=False)
     try:
-        async with serve_health(settings, metrics, stop):
-            await check_database(engine)
-            kafka = create_consumer(settings)
-            order_consumer = OrderConsumer(
-                kafka, session_factory(engine), consumer_config(settings), observer=metrics
-            )
-            metrics.watch(order_consumer, kafka)
-            order_consumer.subscribe()
-            await start_kafka_client(kafka, settings)
-            try:
-                log.info(
-                    "consuming %s as group %s", settings.inbound_topic, settings.consumer_group
+        with tracer_provider("consume") as provider:
+            tracing = NO_TRACING if provider is None else SpanTracing(_tracer(provider))
+            async with serve_health(settings, metrics, stop):
+                await check_database(engine)
+                kafka = create_consumer(settings)
+                order_consumer = OrderConsumer(
+                    kafka,
+                    session_factory(engine),
+                    consumer_config(settings),
+                    observer=metrics,
+                    tracing=tracing,
                 )
-                await _announce(ready, order_consumer)
-                await _until_stopped(order_consumer.run(stop), stop)
-            finally:
-                await _stop_client(kafka, "consumer")
+                metrics.watch(order_consumer, kafka)
+                order_consumer.subscribe()
+                await start_kafka_client(kafka, settings)
+                try:
+                    log.info(
+                        "consuming %s as group %s",
+                        settings.inbound_topic,
+                        settings.consumer_group,
+                    )
+                    await _announce(ready, order_consumer)
+                    await _until_stopped(order_consumer.run(stop), stop)
+                finally:
+                    await _stop_client(kafka, "consumer")
     finally:
         await engine.dispose()
 
@@ -102,39 +113,55 @@ async def run_relay(
     metrics = RelayMetrics()
     engine = create_engine(settings, pool_size=1)
     try:
-        async with serve_health(settings, metrics, stop):
-            await check_database(engine)
-            producer = create_producer(settings)
-            await start_kafka_client(producer, settings)
-            relay = Relay(engine, producer, relay_config(settings), observer=metrics)
-            try:
-                metrics.watch(relay)
-                log.info("relaying the outbox")
-                await _announce(ready, relay)
-                replacements = Backoff(maximum=10.0)
-                while not stop.is_set():
-                    published = relay.stats.published
-                    try:
-                        await _until_stopped(relay.run(stop), stop)
-                    except ProducerBroken as error:
-                        # run() has released the relay's shards: others publish meanwhile.
-                        log.warning("%s; starting a new producer", error)
-                        await _stop_client(relay.producer, "producer")
-                        if relay.stats.published > published:
-                            replacements.reset()  # it worked for a while: not a loop
-                        replacement = await _new_producer(settings, stop, replacements)
-                        if replacement is None:
-                            return  # stopped meanwhile
-                        relay.producer = replacement
-                    except PublishForbidden as error:
-                        raise ServiceError(
-                            f"{error}: allow this client to write to {settings.outbound_topic}"
-                            f" and {settings.dlq_topic} (and any other topic outbox rows name)"
-                        ) from error
-            finally:
-                await _stop_client(relay.producer, "producer")
+        with tracer_provider("relay") as provider:
+            tracing = NO_RELAY_TRACING if provider is None else SpanRelayTracing(_tracer(provider))
+            async with serve_health(settings, metrics, stop):
+                await check_database(engine)
+                producer = create_producer(settings)
+                await start_kafka_client(producer, settings)
+                relay = Relay(
+                    engine, producer, relay_config(settings), observer=metrics, tracing=tracing
+                )
+                try:
+                    metrics.watch(relay)
+                    log.info("relaying the outbox")
+                    await _announce(ready, relay)
+                    await _relay_until_stopped(relay, settings, stop)
+                finally:
+                    await _stop_client(relay.producer, "producer")
     finally:
         await engine.dispose()
+
+
+def _tracer(provider: Any) -> Any:
+    from orderflow import __version__
+
+    return provider.get_tracer("orderflow", __version__)
+
+
+async def _relay_until_stopped(relay: Relay, settings: Settings, stop: asyncio.Event) -> None:
+    """Run ``relay`` until ``stop``: a producer that breaks for good is replaced (its shards
+    released meanwhile); a broker that refuses the relay ends it with one line."""
+    replacements = Backoff(maximum=10.0)
+    while not stop.is_set():
+        published = relay.stats.published
+        try:
+            await _until_stopped(relay.run(stop), stop)
+        except ProducerBroken as error:
+            # run() has released the relay's shards: others publish meanwhile.
+            log.warning("%s; starting a new producer", error)
+            await _stop_client(relay.producer, "producer")
+            if relay.stats.published > published:
+                replacements.reset()  # it worked for a while: not a loop
+            replacement = await _new_producer(settings, stop, replacements)
+            if replacement is None:
+                return  # stopped meanwhile
+            relay.producer = replacement
+        except PublishForbidden as error:
+            raise ServiceError(
+                f"{error}: allow this client to write to {settings.outbound_topic}"
+                f" and {settings.dlq_topic} (and any other topic outbox rows name)"
+            ) from error
 
 
 async def _new_producer(

@@ -323,11 +323,14 @@ def test_dockerfile_entrypoint_is_orderflow() -> None:
     assert json.loads(entrypoints[-1]) == ["orderflow"]
 
 
-def test_dockerfile_installs_the_project_without_extras() -> None:
+def test_dockerfile_installs_the_project_with_no_extra_but_tracing() -> None:
     installs = [
         args for keyword, args in dockerfile_instructions() if keyword == "RUN" and "pip" in args
     ]
-    assert any(re.search(r"pip install (\S+ )*\.(\s|$)", args) for args in installs)
+    assert any(
+        re.search(r"""pip install (\S+ )*["']?\.(\[tracing\])?["']?(\s|$)""", args)
+        for args in installs
+    )
     for args in installs:
         assert "[test" not in args
         assert "[embedded" not in args

@@ -479,6 +479,24 @@ def _order_id_key() -> dict[str, Any]:
     }
 
 
+#: W3C Trace Context, on an outbound message whose cause carried one (or with tracing on).
+_TRACE_CONTEXT_HEADERS: Final = {
+    "traceparent": {
+        "type": "string",
+        "description": (
+            "W3C Trace Context: present when the inbound event that caused this message came "
+            "with one (the same trace), or when orderflow's tracing is on."
+        ),
+        "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+    },
+    "tracestate": {
+        "type": "string",
+        "description": "W3C Trace Context vendor state, carried on with its traceparent.",
+        "maxLength": 512,
+    },
+}
+
+
 def _text_header(description: str, **schema: Any) -> dict[str, Any]:
     return {"type": "string", "description": description, **schema}
 
@@ -516,6 +534,7 @@ def asyncapi_document() -> dict[str, Any]:
                 "event_id": _text_header("The payload's event_id.", format="uuid"),
                 "event_type": _text_header("Always OrderUpdated.", const=UPDATE_EVENT_TYPE),
                 "content-type": _text_header("The payload's media type.", const="application/json"),
+                **_TRACE_CONTEXT_HEADERS,
             },
             "required": ["event_id", "event_type", "content-type"],
         },
@@ -549,6 +568,7 @@ def asyncapi_document() -> dict[str, Any]:
                 "source.offset": _text_header(
                     "The inbound offset, as decimal text.", pattern="^[0-9]+$"
                 ),
+                **_TRACE_CONTEXT_HEADERS,
                 PARKED_MS_HEADER: _text_header(
                     "Only on a message that waited (was parked) for earlier events of its "
                     "order before it was dead-lettered: how long it waited, in milliseconds, "

@@ -40,10 +40,12 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
+import subprocess
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -635,6 +637,55 @@ async def run_orderflow(
     await run_consumer(settings, stop, ready=ready)
 
 
+# --------------------------------------------------------------------------- tracing sink
+
+#: An OTLP/HTTP endpoint that answers every request and keeps nothing, in a process of its
+#: own (its work is not the consumer's).
+_SINK = """
+import socket, sys, threading
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(16)
+print(server.getsockname()[1], flush=True)
+def serve(connection):
+    with connection:
+        buffer = b""
+        while True:
+            while b"\\r\\n\\r\\n" not in buffer:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\\r\\n\\r\\n")
+            length = 0
+            for line in head.split(b"\\r\\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(buffer) < length:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            buffer = buffer[length:]
+            connection.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n")
+while True:
+    connection, _ = server.accept()
+    threading.Thread(target=serve, args=(connection,), daemon=True).start()
+"""
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """The endpoint of a sink process for OTLP/HTTP exports."""
+    process = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -781,9 +832,9 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> list[Measurement]:
     await check("naive", url, naive_target)
 
     async def measure_orderflow(
-        round_number: int, profile: bool, *, shuffled: bool = False
+        round_number: int, profile: bool, *, shuffled: bool = False, traced: str | None = None
     ) -> Measurement:
-        name = "shuffled" if shuffled else "orderflow"
+        name = "shuffled" if shuffled else "traced" if traced else "orderflow"
         source = run.shuffled_topic if shuffled else topic
         say(f"running {name} (run_consumer, in-process, {source}), round {round_number} ...")
         stop = asyncio.Event()
@@ -815,6 +866,11 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> list[Measurement]:
 
             return task, applied
 
+        saved = dict(os.environ)
+        if traced is not None:  # every span exported over OTLP/HTTP to a sink process
+            os.environ.update(
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": traced, "OTEL_TRACES_SAMPLER": "always_on"}
+            )
         try:
             measurement, url = await measure_variant(
                 run,
@@ -825,6 +881,8 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> list[Measurement]:
                 label=f"{name}{round_number}",
             )
         finally:
+            os.environ.clear()
+            os.environ.update(saved)
             if profiler is not None and profiler.is_running:
                 profiler.stop()
         if profiler is not None:
@@ -836,11 +894,18 @@ async def _benchmark(run: Run, args: argparse.Namespace) -> list[Measurement]:
     baselines: list[Measurement] = []
     orderflows: list[Measurement] = []
     shuffleds: list[Measurement] = []
-    for round_number in range(1, args.rounds + 1):
-        baselines.append(await measure_baseline(round_number))
-        orderflows.append(await measure_orderflow(round_number, args.profile and round_number == 1))
-        shuffleds.append(await measure_orderflow(round_number, False, shuffled=True))
-    for measurements in (baselines, orderflows, shuffleds):
+    traceds: list[Measurement] = []
+    with otlp_sink() if args.tracing else contextlib.nullcontext() as sink:
+        for round_number in range(1, args.rounds + 1):
+            baselines.append(await measure_baseline(round_number))
+            profile = args.profile and round_number == 1
+            orderflows.append(await measure_orderflow(round_number, profile))
+            shuffleds.append(await measure_orderflow(round_number, False, shuffled=True))
+            if sink is not None:
+                traceds.append(await measure_orderflow(round_number, False, traced=sink))
+    for measurements in (baselines, orderflows, shuffleds, traceds):
+        if not measurements:
+            continue
         best = max(measurements, key=lambda m: m.eps)
         if args.rounds > 1:
             rates = ", ".join(f"{m.eps:.0f}" for m in measurements)
@@ -882,6 +947,7 @@ def report(results: list[Measurement]) -> str:
     baseline_eps = by_name["baseline"].eps
     naive_eps = by_name["naive"].eps
     shuffled_eps = by_name["shuffled"].eps
+    traced = by_name.get("traced")
     out = io.StringIO()
     out.write(
         f"\n{'variant':<10} {'events':>7} {'timed':>7} {'window s':>9} {'total s':>8} "
@@ -907,13 +973,24 @@ def report(results: list[Measurement]) -> str:
         f"orderflow is {consumer_eps / baseline_eps:.2f}x the asyncpg baseline "
         f"and {consumer_eps / naive_eps:.2f}x the naive ORM loop; with every "
         f"{RACE_EVERY}th order shuffled it runs at {shuffled_eps / consumer_eps:.2f}x its "
-        "in-order speed.\n\n"
+        "in-order speed"
+        + (
+            f"; tracing every event (100% sampled, OTLP/HTTP) at {traced.eps / consumer_eps:.2f}x"
+            if traced is not None
+            else ""
+        )
+        + ".\n\n"
     )
     out.write(
         f"RESULT consumer_eps={consumer_eps:.0f} baseline_eps={baseline_eps:.0f} "
         f"naive_eps={naive_eps:.0f} ratio_vs_baseline={consumer_eps / baseline_eps:.2f} "
         f"ratio_vs_naive={consumer_eps / naive_eps:.2f} shuffled_eps={shuffled_eps:.0f} "
         f"ratio_shuffled_vs_in_order={shuffled_eps / consumer_eps:.2f}"
+        + (
+            f" traced_eps={traced.eps:.0f} ratio_traced_vs_untraced={traced.eps / consumer_eps:.2f}"
+            if traced is not None
+            else ""
+        )
     )
     return out.getvalue()
 
@@ -927,6 +1004,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=3,
         help="rounds of baseline and orderflow, alternating; the best of each counts (default 3)",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run orderflow with tracing on, every event sampled, spans exported over "
+        "OTLP/HTTP to a sink process; report its ratio to the untraced run",
     )
     parser.add_argument(
         "--profile",

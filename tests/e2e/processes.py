@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from orderflow.devstand.embedded import die_with_parent
 from orderflow.runtime.settings import Settings
 
 ORDERFLOW = (sys.executable, "-m", "orderflow")
@@ -102,6 +103,8 @@ class Launcher:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # its own process group: teardown kills all of it
+                # and if this test process dies first (killed by a timeout, say), so does it
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         process = Process(command, popen, log)
         self.started.append(process)

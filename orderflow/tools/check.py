@@ -913,8 +913,8 @@ async def _check_database(settings: Settings, engine: AsyncEngine, plan: Plan) -
                 "PostgreSQL accepts connections from here",
             )
         )
-        findings.skip(_DATABASE_DEPENDENTS, "the database is unreachable")
-        found.why_no_offsets = "the database is unreachable"
+        findings.skip(_DATABASE_DEPENDENTS, "no connection to the database")
+        found.why_no_offsets = "no connection to the database"
         return found
     async with engine.connect() as connection:
         user = (await connection.execute(text("SELECT current_user"))).scalar_one()
@@ -1087,8 +1087,8 @@ async def _check_kafka(settings: Settings, plan: Plan) -> _KafkaFacts:
                 "settings, and that the brokers accept connections from here",
             )
         )
-        findings.skip(_KAFKA_DEPENDENTS, "the brokers are unreachable")
-        found.why_no_ends = "the brokers are unreachable"
+        findings.skip(_KAFKA_DEPENDENTS, "no connection to the brokers")
+        found.why_no_ends = "no connection to the brokers"
         return found
     try:
         admin = AIOKafkaAdminClient(**kafka_common(settings))

@@ -35,6 +35,7 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
+from aiokafka.errors import for_code
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -916,7 +917,7 @@ async def _check_database(settings: Settings, engine: AsyncEngine, plan: Plan) -
         findings.skip(_DATABASE_DEPENDENTS, "no connection to the database")
         found.why_no_offsets = "no connection to the database"
         return found
-    async with engine.connect() as connection:
+    async with findings.guard("database", *_DATABASE_DEPENDENTS), engine.connect() as connection:
         user = (await connection.execute(text("SELECT current_user"))).scalar_one()
         findings.add(Check("database", Status.PASS, f"reached {where} as {user}"))
         async with findings.guard("server version"):
@@ -1155,7 +1156,15 @@ async def _check_cluster(
         )
 
     async with findings.guard("dead-letter size", "outbound retention"):
-        configs = await _topic_configs(admin, list(facts))
+        configs, errors = await _topic_configs(admin, list(facts))
+
+        def why_not(topic: str) -> str | None:
+            if topic not in facts:
+                return f"{topic} does not exist"
+            if topic in errors:
+                return f"the broker answered DescribeConfigs for {topic} with {errors[topic]}"
+            return None
+
         dlq = settings.dlq_topic
         findings.add(
             dead_letter_size_check(
@@ -1164,7 +1173,7 @@ async def _check_cluster(
                 settings.inbound_topic,
                 _int_config(configs.get(settings.inbound_topic, {}), "max.message.bytes"),
                 settings.max_message_bytes,
-                not_checked=None if dlq in facts else f"{dlq} does not exist",
+                not_checked=why_not(dlq),
             )
         )
         outbound = settings.outbound_topic
@@ -1173,7 +1182,7 @@ async def _check_cluster(
                 outbound,
                 configs.get(outbound),
                 settings.outbox_retention_hours,
-                not_checked=None if outbound in facts else f"{outbound} does not exist",
+                not_checked=why_not(outbound),
             )
         )
 
@@ -1217,28 +1226,33 @@ def _topic_facts(entry: Mapping[str, Any]) -> TopicFacts:
 
 async def _topic_configs(
     admin: AIOKafkaAdminClient, topics: Sequence[str]
-) -> dict[str, dict[str, str]]:
-    """Each topic's configuration, as far as the broker reports it.
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Each topic's configuration, as far as the broker reports it, and the error it gave
+    instead for the others (an authorization error, say).
 
     Every entry is asked for (no names): Apache Kafka then lists defaults too, and some
     other brokers (Tansu) drop the connection when given names."""
     if not topics:
-        return {}
+        return {}, {}
     responses = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
     )
     configs: dict[str, dict[str, str]] = {}
+    errors: dict[str, str] = {}
     for response in responses:
         for resource in response.to_object().get("resources", []):
-            if resource.get("error_code"):
+            topic = str(resource["resource_name"])
+            code = resource.get("error_code")
+            if code:
+                errors[topic] = f"error {code} ({for_code(code).__name__})"
                 continue
-            entries = configs.setdefault(str(resource["resource_name"]), {})
+            entries = configs.setdefault(topic, {})
             for entry in resource.get("config_entries") or []:
                 key = entry.get("config_names", entry.get("config_name"))
                 value = entry.get("config_value")
                 if key is not None and value is not None:
                     entries[str(key)] = str(value)
-    return configs
+    return configs, errors
 
 
 def _int_config(configs: Mapping[str, str], key: str) -> int | None:

@@ -425,7 +425,10 @@ def topic_check(
             "create it: `orderflow topics create` (choose --partitions and "
             "--replication-factor), or as your cluster's topics are created",
         )
-    detail = f"{topic}: {facts.partitions} partitions, replication factor {facts.replication}"
+    detail = (
+        f"{topic}: {facts.partitions} partition{'s' * (facts.partitions != 1)}, "
+        f"replication factor {facts.replication}"
+    )
     if facts.unhealthy:
         listed = ", ".join(str(partition) for partition in facts.unhealthy)
         return Check(
@@ -574,8 +577,9 @@ def outbound_retention_check(
         return Check(
             name,
             Status.WARN,
-            detail + f", less than {outbox_text.removeprefix('the ')}: a subscriber away "
-            f"longer than {kept} can only be caught up with `orderflow replay outbox`",
+            detail + f", less than the {_hours(outbox_ms)} the outbox keeps published rows: "
+            f"a subscriber away longer than {kept} can only be caught up with "
+            "`orderflow replay outbox`",
             fix,
         )
     raw_bytes = configs.get("retention.bytes")

@@ -222,7 +222,7 @@ async def test_an_outbound_topic_that_keeps_less_than_the_outbox_warns(env: Test
     retention = checks["outbound retention"]
     assert retention["status"] == "warn"
     assert "retention.ms=3600000 (keeps 1 h)" in retention["detail"]
-    assert "outbox keeps published rows 168 h" in retention["detail"]
+    assert "less than the 168 h the outbox keeps published rows" in retention["detail"]
     assert retention["fix"] == (
         f"set retention.ms=604800000 (or -1) on {settings.outbound_topic}, "
         "or cleanup.policy=compact"

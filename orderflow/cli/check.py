@@ -93,9 +93,10 @@ def check(
     answer), with the fix in one line: the database, its version and schema revision;
     max_connections against the planned instances (--consumers, --relays, --api); the
     brokers, the three topics, the dead-letter topic's max.message.bytes against
-    ORDERFLOW_MAX_MESSAGE_BYTES, the outbound topic's retention against the outbox's;
-    the idempotent producer (when ORDERFLOW_KAFKA_IDEMPOTENCE is on); the consumer
-    group and its lag; the TLS and SASL settings in use. No password is printed.
+    ORDERFLOW_MAX_MESSAGE_BYTES, the outbound topic's retention against the outbox's
+    (ORDERFLOW_OUTBOX_RETENTION_HOURS); the idempotent producer (when
+    ORDERFLOW_KAFKA_IDEMPOTENCE is on); the consumer group and its lag; the TLS and SASL
+    settings in use. No password is printed.
 
     It writes nothing (no topic, no offset, no row). Exit status 0 when nothing fails
     (warnings allowed), 1 when a check fails, 2 for a bad setting.

@@ -475,9 +475,11 @@ async def insert_orders(env: TestEnv, specs: list[tuple[datetime, str, str]]) ->
     return placed
 
 
-async def invoke_cli(settings: Settings, *arguments: str) -> Any:
+async def invoke_cli(
+    settings: Settings, *arguments: str, extra_env: dict[str, str] | None = None
+) -> Any:
     """Run the real ``orderflow`` CLI configured as ``settings`` (in a thread: it runs its
-    own event loop); the CliRunner result."""
+    own event loop), ``extra_env`` added to its environment; the CliRunner result."""
     from typer.testing import CliRunner
 
     from orderflow.cli.main import app
@@ -485,7 +487,7 @@ async def invoke_cli(settings: Settings, *arguments: str) -> Any:
 
     environment = {
         name: value
-        for name, value in process_env(settings).items()
+        for name, value in process_env(settings, **(extra_env or {})).items()
         if os.environ.get(name) != value
     }
     return await asyncio.to_thread(

@@ -1,7 +1,8 @@
 """The ``orderflow`` command line: the app, and the commands that run or prepare the processes.
 
 ``consume``, ``relay`` and ``api`` are the production processes; ``migrate`` and ``topics
-create`` prepare what they need; ``dev`` runs them all on one machine. The other command
+create`` prepare what they need, and ``check`` (:mod:`orderflow.cli.check`) tells whether
+a deployment is ready for them; ``dev`` runs them all on one machine. The other command
 families (:mod:`orderflow.cli.backfill`, :mod:`orderflow.cli.dlq`, ...) are added to
 :data:`app` at the end of this module, in the order ``orderflow --help`` lists them.
 """
@@ -17,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from orderflow.cli import backfill, dlq, observe, parked, replay, schemas, teams
+from orderflow.cli import backfill, check, dlq, observe, parked, replay, schemas, teams
 from orderflow.cli.support import (
     BootstrapServers,
     DatabaseUrl,
@@ -86,6 +87,10 @@ def migrate(database_url: DatabaseUrl = None, log_level: LogLevel = "INFO") -> N
         print(f"database {redacted(settings.require_database())} is at revision {head_revision()}")
 
     run(main())
+
+
+# Listed right after migrate: the order of a first deploy (migrate, check, then the processes).
+app.command("check")(check.check)
 
 
 @app.command()
@@ -389,8 +394,8 @@ def _where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# `orderflow --help` lists the commands in the order they are added (migrate, consume, relay
-# and dev above, then import, publish, loadgen and tail, then api), then the groups in theirs.
+# `orderflow --help` lists the commands in the order they are added (migrate, check, consume,
+# relay and dev above, then import, publish, loadgen and tail, then api), then the groups in theirs.
 teams.register(app)
 app.command()(api)
 for _name, _group in (

@@ -435,6 +435,22 @@ def help_text(command: str) -> str:
         ),
         ("relay", ["DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "ORDERFLOW_RELAY_BATCH_SIZE"]),
         ("migrate", ["DATABASE_URL"]),
+        (
+            "check",
+            [
+                "DATABASE_URL",
+                "KAFKA_BOOTSTRAP_SERVERS",
+                "ORDERFLOW_INBOUND_TOPIC",
+                "ORDERFLOW_OUTBOUND_TOPIC",
+                "ORDERFLOW_DLQ_TOPIC",
+                "ORDERFLOW_CONSUMER_GROUP",
+                "ORDERFLOW_DB_POOL_SIZE",
+                "ORDERFLOW_METRICS_PORT",
+                "ORDERFLOW_MAX_MESSAGE_BYTES",
+                "ORDERFLOW_OUTBOX_RETENTION_HOURS",
+                "ORDERFLOW_KAFKA_IDEMPOTENCE",
+            ],
+        ),
         ("dev", []),  # reads no variable: embedded services, nothing to configure
     ],
 )

@@ -71,6 +71,13 @@ MAX_PAGE_SIZE: Final = 200
 #: ``/readyz`` answers 503 when the database has not answered within this time: a probe
 #: must not hang on a database that accepts connections but never replies.
 READY_TIMEOUT_SECONDS: Final = 3.0
+#: A filter value PostgreSQL can compare: ``text`` cannot hold a NUL character, so a value
+#: with one would be refused by the database (a 500) instead of by us (a 422). ASCII only,
+#: so that it means the same in the OpenAPI document (ECMA-262), in pydantic (which
+#: enforces it) and in Python.
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+#: The longest email an ``OrderPlaced`` may carry (``consumer.events.Email``).
+MAX_EMAIL_LENGTH: Final = 320
 #: A cursor is about 150 characters; anything much longer is not one of ours.
 _MAX_CURSOR_LENGTH: Final = 1024
 _CURSOR_VERSION: Final = 1
@@ -314,8 +321,11 @@ def _add_routes(app: FastAPI) -> None:
             str | None,
             Query(
                 min_length=1,
-                max_length=320,
-                description="Only orders of this customer (exact email, as placed).",
+                max_length=MAX_EMAIL_LENGTH,
+                pattern=NO_NUL_PATTERN,
+                description=(
+                    "Only orders of this customer (exact email, as placed; no NUL character)."
+                ),
             ),
         ] = None,
         limit: Annotated[

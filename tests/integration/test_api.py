@@ -272,6 +272,15 @@ def _cursor(document: object) -> str:
         pytest.param({"limit": "201"}, "limit", "less than or equal to 200", id="limit-201"),
         pytest.param({"limit": "ten"}, "limit", "valid integer", id="limit-text"),
         pytest.param({"customer_email": ""}, "customer_email", "at least 1", id="empty-email"),
+        pytest.param(
+            {"customer_email": "ada\x00@example.com"},
+            "customer_email",
+            "should match pattern",
+            id="email-with-nul",
+        ),
+        pytest.param(
+            {"customer_email": "a" * 321}, "customer_email", "at most 320", id="email-too-long"
+        ),
         pytest.param({"cursor": "%%%"}, "cursor", "not a cursor", id="cursor-not-base64"),
         pytest.param(
             {"cursor": base64.urlsafe_b64encode(b"\xff\x00").decode()},

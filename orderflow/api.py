@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, NoReturn
 
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,10 +71,17 @@ MAX_PAGE_SIZE: Final = 200
 #: ``/readyz`` answers 503 when the database has not answered within this time: a probe
 #: must not hang on a database that accepts connections but never replies.
 READY_TIMEOUT_SECONDS: Final = 3.0
+#: What the query and path parameters accept, as regular expressions that mean the same in
+#: the OpenAPI document (ECMA-262), in pydantic (which enforces them) and in Python: ASCII
+#: classes only, no ``\d``/``\s`` (their meaning differs between the three).
+#:
+#: An order id: a UUID in its canonical 8-4-4-4-12 form (``format: uuid``); pydantic alone
+#: would also take braces, ``urn:uuid:`` and 32 bare digits, which the document doesn't say.
+UUID_PATTERN: Final = (
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 #: A filter value PostgreSQL can compare: ``text`` cannot hold a NUL character, so a value
-#: with one would be refused by the database (a 500) instead of by us (a 422). ASCII only,
-#: so that it means the same in the OpenAPI document (ECMA-262), in pydantic (which
-#: enforces it) and in Python.
+#: with one would be refused by the database (a 500) instead of by us (a 422).
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 #: The longest email an ``OrderPlaced`` may carry (``consumer.events.Email``).
 MAX_EMAIL_LENGTH: Final = 320
@@ -298,12 +305,23 @@ def _add_routes(app: FastAPI) -> None:
         response_model=OrderView,
         responses={404: {"model": Problem, "description": "No order has this id."}},
     )
-    async def get_order(order_id: uuid.UUID, session: ReadSession) -> OrderView:
+    async def get_order(
+        session: ReadSession,
+        order_id: Annotated[
+            str,
+            Path(
+                pattern=UUID_PATTERN,
+                description="The order's id, a UUID (8-4-4-4-12 hex digits).",
+                json_schema_extra={"format": "uuid"},
+            ),
+        ],
+    ) -> OrderView:
         """The order with its customer and lines."""
-        statement = _with_details(select(Order).where(Order.id == order_id))
+        key = uuid.UUID(order_id)
+        statement = _with_details(select(Order).where(Order.id == key))
         order = (await session.execute(statement)).scalar_one_or_none()
         if order is None:
-            raise HTTPException(404, detail=f"order {order_id} not found")
+            raise HTTPException(404, detail=f"order {key} not found")
         return order_view(order)
 
     @app.get(

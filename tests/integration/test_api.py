@@ -11,6 +11,7 @@ import asyncio
 import base64
 import signal
 import socket
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -128,11 +129,35 @@ async def test_an_unknown_order_is_404_with_a_detail(api: Api) -> None:
     assert response.json() == {"detail": f"order {missing} not found"}
 
 
-async def test_an_id_that_is_not_a_uuid_is_422(api: Api) -> None:
-    response = await api.client.get("/orders/12345")
-    assert response.status_code == 422
+ORDER_ID = uuid.UUID("0b6c6a53-2222-4a57-8f44-6d1b1c9e2a10")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "12345",
+        ORDER_ID.hex,  # no hyphens
+        f"{{{ORDER_ID}}}",  # braces
+        ORDER_ID.urn,
+        f"{ORDER_ID}\n",
+        "0b6c6a53-2222-4a57-8f44-6d1b1c9e2a1\x00",
+    ],
+    ids=["digits", "hex", "braces", "urn", "newline", "nul"],
+)
+async def test_an_id_that_is_not_a_uuid_in_its_canonical_form_is_422(api: Api, text: str) -> None:
+    """The document says `format: uuid` (8-4-4-4-12): the forms pydantic would also read
+    are refused, so the code accepts what the document says and nothing else."""
+    response = await api.client.get(f"/orders/{urllib.parse.quote(text)}")
+    assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
     assert error["loc"] == ["path", "order_id"]
+
+
+async def test_an_id_in_capitals_is_the_same_order(env: TestEnv, api: Api) -> None:
+    (order,) = await insert_orders(env, [(BASE, "paid", "ada@example.com")])
+    response = await api.client.get(f"/orders/{str(order.id).upper()}")
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == str(order.id)
 
 
 # --- eager loading, sessions ---------------------------------------------------------------

@@ -25,17 +25,16 @@ every other request once it has been routed, labelled by the route's template
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import gzip
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, NoReturn
 
 import orjson
@@ -85,9 +84,17 @@ UUID_PATTERN: Final = (
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 #: The longest email an ``OrderPlaced`` may carry (``consumer.events.Email``).
 MAX_EMAIL_LENGTH: Final = 320
-#: A cursor is about 150 characters; anything much longer is not one of ours.
-_MAX_CURSOR_LENGTH: Final = 1024
-_CURSOR_VERSION: Final = 1
+#: A cursor: where its page ended (the last order's ``created_at`` in microseconds since
+#: the Unix epoch, and its id as 32 hex digits), then a check of that position together
+#: with the filters the page was listed with. Every string of this shape is a position;
+#: the check is what makes one cursor good for one listing only (see :func:`decode_cursor`).
+CURSOR_PATTERN: Final = r"^(-?[0-9]{1,18})\.([0-9a-f]{32})\.([0-9a-f]{16})$"
+_CURSOR: Final = re.compile(CURSOR_PATTERN)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+#: The positions of the first and last instant a ``datetime`` (so an order) can have.
+_EARLIEST_MICROS: Final = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+_LATEST_MICROS: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
 _TIMESTAMP_FORMAT: JsonDict = {"format": "date-time", "examples": ["2026-11-24T10:15:00.123456Z"]}
 _MONEY_FORMAT: JsonDict = {"pattern": r"^\d+(\.\d+)?$", "examples": ["25.00"]}
 #: Where Prometheus scrapes; requests to it are not counted in the request metrics.
@@ -113,7 +120,9 @@ the transactional outbox.
   the `order_version` of the latest `OrderUpdated` of that order.
 * **Listing** is newest first (by `created_at`, then `id`) with keyset pagination: pass the
   `next_cursor` of one page as `cursor` to get the next one; `next_cursor` is `null` on the
-  last page. Cursors are opaque and tied to the filters they were issued with.
+  last page. Treat a cursor as a token: it holds where its page ended and a check of that
+  position together with the filters, so it works only with the `status` and
+  `customer_email` it was issued with.
 * Errors are JSON: `404` with a `detail` sentence, `422` with the list of invalid
   parameters, `503` when the database cannot be reached.
 * Prometheus metrics are at `/metrics` (not listed here).
@@ -352,14 +361,19 @@ def _add_routes(app: FastAPI) -> None:
         cursor: Annotated[
             str | None,
             Query(
-                max_length=_MAX_CURSOR_LENGTH,
-                description="The `next_cursor` of the previous page (same filters).",
+                # Checked by decode_cursor, which says what is wrong in words.
+                json_schema_extra={"pattern": CURSOR_PATTERN},
+                description=(
+                    "The `next_cursor` of the previous page, as given, with the same `status` "
+                    "and `customer_email` (a cursor of other filters, or an altered one, is "
+                    "`422`)."
+                ),
             ),
         ] = None,
     ) -> OrderPage:
         """A page of orders, newest first (by `created_at`, then `id`), with their customer
         and lines. Filters combine with AND."""
-        filters = _filter_digest(status, customer_email)
+        filters = Filters(None if status is None else status.value, customer_email)
         after = None if cursor is None else decode_cursor(cursor, filters)
         statement = select(Order)
         if status is not None:
@@ -633,46 +647,56 @@ class Position:
     order_id: uuid.UUID
 
 
-def _filter_digest(status: OrderStatus | None, customer_email: str | None) -> str:
-    """A short fingerprint of the filters, so a cursor can't be used with other filters."""
-    material = orjson.dumps([None if status is None else status.value, customer_email])
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """The filters of a listing, as given (``status`` by its value)."""
+
+    status: str | None
+    customer_email: str | None
+
+
+def cursor_check(micros: str, order_hex: str, filters: Filters) -> str:
+    """The check of a cursor: its position together with the filters it was issued for.
+
+    Not a secret (anyone may page from any position by listing again): it makes a cursor
+    that was altered, or passed with other filters, a ``422`` instead of a page that
+    silently belongs to another listing.
+    """
+    material = orjson.dumps([micros, order_hex, filters.status, filters.customer_email])
     return hashlib.sha256(material).hexdigest()[:16]
 
 
-def encode_cursor(position: Position, filters: str) -> str:
-    document = {
-        "v": _CURSOR_VERSION,
-        "t": position.created_at.isoformat(),
-        "id": str(position.order_id),
-        "f": filters,
-    }
-    return base64.urlsafe_b64encode(orjson.dumps(document)).rstrip(b"=").decode()
+def encode_cursor(position: Position, filters: Filters) -> str:
+    micros = str((position.created_at - _EPOCH) // _MICROSECOND)
+    order_hex = position.order_id.hex
+    return f"{micros}.{order_hex}.{cursor_check(micros, order_hex, filters)}"
 
 
-def decode_cursor(cursor: str, filters: str) -> Position:
-    """The position in ``cursor``, or a 422 that says what is wrong with it."""
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        document = orjson.loads(raw)
-    except (binascii.Error, ValueError):
+def decode_cursor(cursor: str, filters: Filters) -> Position | None:
+    """The position in ``cursor``, or a 422 that says what is wrong with it (not of the
+    form of :data:`CURSOR_PATTERN`, or its check does not match); None for a position
+    after every possible order.
+
+    Every position of the pattern's range means something: one before the first instant a
+    timestamp can hold lists nothing, one after the last lists from the newest order.
+    """
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
         _invalid_cursor("it is not a cursor this API issued (use next_cursor as given)")
-    if not isinstance(document, dict) or document.get("v") != _CURSOR_VERSION:
-        _invalid_cursor("it is not a cursor this API issued (use next_cursor as given)")
-    if document.get("f") != filters:
+    micros, order_hex, check = match.groups()
+    if check != cursor_check(micros, order_hex, filters):
         _invalid_cursor(
-            "it was issued for other filters; use the same status and customer_email "
-            "as the first page, or start again without a cursor"
+            "it was issued for other filters, or altered; pass next_cursor as given, with "
+            "the same status and customer_email as the first page, or start again without "
+            "a cursor"
         )
-    created_at, order_id = document.get("t"), document.get("id")
-    try:
-        if not isinstance(created_at, str) or not isinstance(order_id, str):
-            raise ValueError("missing fields")
-        position = Position(datetime.fromisoformat(created_at), uuid.UUID(order_id))
-    except ValueError:
-        _invalid_cursor("its position is damaged (use next_cursor as given)")
-    if position.created_at.tzinfo is None:
-        _invalid_cursor("its position is damaged (use next_cursor as given)")
-    return position
+    offset = int(micros)
+    if offset > _LATEST_MICROS:
+        return None
+    if offset < _EARLIEST_MICROS:
+        # (created_at, id) < (earliest, nil) holds for no order.
+        return Position(datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+    return Position(_EPOCH + offset * _MICROSECOND, uuid.UUID(hex=order_hex))
 
 
 def _invalid_cursor(reason: str) -> NoReturn:

@@ -16,6 +16,11 @@ Session discipline (each rule closes one of the classic async SQLAlchemy failure
 - Responses are built as pydantic models while the session is open; no ORM object leaves
   the path operation function.
 
+Contract: the OpenAPI document says exactly what the code accepts and answers. Every
+parameter is checked at the boundary against the limits the document states (patterns,
+lengths, ranges), so a value PostgreSQL would refuse (a NUL character) never reaches it;
+every status an operation can answer is declared with it.
+
 Metrics: ``GET /metrics`` serves the app's own Prometheus registry (:class:`ApiMetrics`,
 one per app, so several apps in one process don't clash). A plain ASGI middleware counts
 every other request once it has been routed, labelled by the route's template
@@ -95,6 +100,9 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 #: The positions of the first and last instant a ``datetime`` (so an order) can have.
 _EARLIEST_MICROS: Final = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
 _LATEST_MICROS: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+#: The examples of the OpenAPI document (and of docs/api.md).
+EXAMPLE_ORDER_ID: Final = "0b6c6a53-2222-4a57-8f44-6d1b1c9e2a10"
+EXAMPLE_EMAIL: Final = "ada@example.com"
 _TIMESTAMP_FORMAT: JsonDict = {"format": "date-time", "examples": ["2026-11-24T10:15:00.123456Z"]}
 _MONEY_FORMAT: JsonDict = {"pattern": r"^\d+(\.\d+)?$", "examples": ["25.00"]}
 #: Where Prometheus scrapes; requests to it are not counted in the request metrics.
@@ -124,14 +132,16 @@ the transactional outbox.
   position together with the filters, so it works only with the `status` and
   `customer_email` it was issued with.
 * Errors are JSON: `404` with a `detail` sentence, `422` with the list of invalid
-  parameters, `503` when the database cannot be reached.
-* Prometheus metrics are at `/metrics` (not listed here).
+  parameters, `503` (with `Retry-After`) when the database cannot be reached. Every
+  status an operation can answer is listed with it.
+* Prometheus metrics are at `/metrics`.
 """
 
 _TAGS = [
     {"name": "orders", "description": "Orders with their customer and lines."},
     {"name": "outbox", "description": "Messages waiting for the relay, per topic."},
     {"name": "health", "description": "Probes for orchestrators and load balancers."},
+    {"name": "metrics", "description": "Prometheus metrics of this process."},
 ]
 
 
@@ -210,7 +220,64 @@ class Health(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: str
+    detail: str = Field(description="What went wrong, in one sentence.")
+
+
+#: Declared on every operation that reads the database: what :func:`_database_unavailable`
+#: answers.
+_UNAVAILABLE: Final[dict[int | str, dict[str, Any]]] = {
+    503: {
+        "model": Problem,
+        "description": (
+            "The database cannot be reached, or every connection stayed busy for 30 s."
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
+#: Where a page leads (OpenAPI links): to its first order, and to the next page, listed with
+#: the same filters.
+_PAGE_LINKS: Final[dict[str, Any]] = {
+    "firstOrder": {
+        "operationId": "getOrder",
+        "description": "The first order of the page.",
+        "parameters": {"order_id": "$response.body#/orders/0/id"},
+    },
+    "nextPage": {
+        "operationId": "listOrders",
+        "description": "The next page: `next_cursor` as `cursor`, with the same filters.",
+        "parameters": {
+            "cursor": "$response.body#/next_cursor",
+            "status": "$request.query.status",
+            "customer_email": "$request.query.customer_email",
+            "limit": "$request.query.limit",
+        },
+    },
+}
+
+_METRICS_RESPONSE: Final[dict[str, Any]] = {
+    "description": (
+        "The metrics: Prometheus text format 0.0.4 by default, OpenMetrics 1.0.0 when the "
+        "`Accept` header asks for `application/openmetrics-text`."
+    ),
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/openmetrics-text": {"schema": {"type": "string"}},
+    },
+    "headers": {
+        "Cache-Control": {
+            "description": "Always `no-store`.",
+            "required": True,
+            "schema": {"type": "string", "enum": ["no-store"]},
+        },
+    },
+}
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -309,10 +376,11 @@ async def _database_unavailable(request: Request, error: Exception) -> JSONRespo
 def _add_routes(app: FastAPI) -> None:
     @app.get(
         "/orders/{order_id}",
+        operation_id="getOrder",
         tags=["orders"],
         summary="One order",
         response_model=OrderView,
-        responses={404: {"model": Problem, "description": "No order has this id."}},
+        responses={404: {"model": Problem, "description": "No order has this id."}, **_UNAVAILABLE},
     )
     async def get_order(
         session: ReadSession,
@@ -322,6 +390,7 @@ def _add_routes(app: FastAPI) -> None:
                 pattern=UUID_PATTERN,
                 description="The order's id, a UUID (8-4-4-4-12 hex digits).",
                 json_schema_extra={"format": "uuid"},
+                openapi_examples={"order": {"value": EXAMPLE_ORDER_ID}},
             ),
         ],
     ) -> OrderView:
@@ -335,14 +404,20 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get(
         "/orders",
+        operation_id="listOrders",
         tags=["orders"],
         summary="List orders, newest first",
         response_model=OrderPage,
+        responses={200: {"links": _PAGE_LINKS}, **_UNAVAILABLE},
     )
     async def list_orders(
         session: ReadSession,
         status: Annotated[
-            OrderStatus | None, Query(description="Only orders in this status.")
+            OrderStatus | None,
+            Query(
+                description="Only orders in this status.",
+                openapi_examples={"paid": {"value": "paid"}},
+            ),
         ] = None,
         customer_email: Annotated[
             str | None,
@@ -353,10 +428,17 @@ def _add_routes(app: FastAPI) -> None:
                 description=(
                     "Only orders of this customer (exact email, as placed; no NUL character)."
                 ),
+                openapi_examples={"customer": {"value": EXAMPLE_EMAIL}},
             ),
         ] = None,
         limit: Annotated[
-            int, Query(ge=1, le=MAX_PAGE_SIZE, description="Orders per page.")
+            int,
+            Query(
+                ge=1,
+                le=MAX_PAGE_SIZE,
+                description="Orders per page.",
+                openapi_examples={"small": {"value": 2}},
+            ),
         ] = DEFAULT_PAGE_SIZE,
         cursor: Annotated[
             str | None,
@@ -400,9 +482,11 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get(
         "/outbox/stats",
+        operation_id="getOutboxStats",
         tags=["outbox"],
         summary="Outbox backlog per topic",
         response_model=OutboxStatsView,
+        responses=_UNAVAILABLE,
     )
     async def get_outbox_stats(session: ReadSession) -> OutboxStatsView:
         """Per topic: unpublished backlog, age of the oldest unpublished message, and
@@ -424,13 +508,20 @@ def _add_routes(app: FastAPI) -> None:
             ]
         )
 
-    @app.get("/healthz", tags=["health"], summary="Liveness", response_model=Health)
+    @app.get(
+        "/healthz",
+        operation_id="liveness",
+        tags=["health"],
+        summary="Liveness",
+        response_model=Health,
+    )
     async def healthz() -> Health:
         """200 while the process serves requests; it touches nothing else."""
         return Health(status="ok")
 
     @app.get(
         "/readyz",
+        operation_id="readiness",
         tags=["health"],
         summary="Readiness",
         response_model=Health,
@@ -447,15 +538,23 @@ def _add_routes(app: FastAPI) -> None:
             return JSONResponse({"status": "database unavailable"}, status_code=503)
         return Health(status="ok")
 
-    @app.get(METRICS_PATH, include_in_schema=False)
+    @app.get(
+        METRICS_PATH,
+        operation_id="metrics",
+        tags=["metrics"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: _METRICS_RESPONSE},
+    )
     async def metrics_endpoint(
         request: Request,
         db: Annotated[Database, Depends(database)],
         metrics: Annotated[ApiMetrics, Depends(app_metrics)],
     ) -> Response:
-        """Prometheus text format (OpenMetrics when asked for, gzip when accepted).
+        """Prometheus text format, or OpenMetrics when the `Accept` header asks for it;
+        gzip-compressed when `Accept-Encoding` allows it.
 
-        ``orderflow_ready`` is checked afresh for each scrape (the /readyz check), so it is
+        `orderflow_ready` is checked afresh for each scrape (the /readyz check), so it is
         right even where nothing probes /readyz.
         """
         metrics.set_ready(await _database_answers(db))

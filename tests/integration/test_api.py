@@ -453,6 +453,12 @@ async def test_health_and_readiness(api: Api) -> None:
     readyz = await api.client.get("/readyz")
     assert (healthz.status_code, healthz.json()) == (200, {"status": "ok"})
     assert (readyz.status_code, readyz.json()) == (200, {"status": "ok"})
+    assert healthz.headers["content-type"] == readyz.headers["content-type"] == _JSON
+    metrics = await api.client.get(METRICS_PATH)
+    assert metrics.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+_JSON = "application/json"
 
 
 def _free_port() -> int:
@@ -472,10 +478,12 @@ async def test_without_a_database_probes_and_reads_say_503(env: TestEnv) -> None
         assert (await api.client.get("/healthz")).status_code == 200
         readyz = await api.client.get("/readyz")
         assert (readyz.status_code, readyz.json()) == (503, {"status": "database unavailable"})
+        assert readyz.headers["content-type"] == _JSON
         for path in (f"/orders/{uuid.uuid4()}", "/orders", "/outbox/stats"):
             response = await api.client.get(path)
             assert response.status_code == 503, (path, response.text)
             assert response.headers["retry-after"] == "5"
+            assert response.headers["content-type"] == _JSON
             assert "s3cret" not in response.text
         assert api.database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
@@ -496,6 +504,25 @@ async def test_openapi_document_and_docs_are_served(api: Api) -> None:
     }
     order = schema["components"]["schemas"]["OrderView"]
     assert order["properties"]["created_at"]["format"] == "date-time"
+    # Every status an operation can answer is declared (test_api_fuzz.py checks the
+    # answers against these); those that read the database say 503 with Retry-After.
+    declared = {
+        path: sorted(operation["get"]["responses"]) for path, operation in schema["paths"].items()
+    }
+    assert declared == {
+        "/orders/{order_id}": ["200", "404", "422", "503"],
+        "/orders": ["200", "422", "503"],
+        "/outbox/stats": ["200", "503"],
+        "/healthz": ["200"],
+        "/readyz": ["200", "503"],
+        METRICS_PATH: ["200"],
+    }
+    unavailable = listing["responses"]["503"]
+    assert unavailable["headers"]["Retry-After"]["required"] is True
+    metrics = schema["paths"][METRICS_PATH]["get"]["responses"]["200"]
+    assert set(metrics["content"]) == {"text/plain", "application/openmetrics-text"}
+    parameters = {parameter["name"]: parameter for parameter in listing["parameters"]}
+    assert parameters["cursor"]["schema"]["pattern"] == CURSOR_PATTERN
     docs = await api.client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()

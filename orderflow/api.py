@@ -19,7 +19,8 @@ Session discipline (each rule closes one of the classic async SQLAlchemy failure
 Contract: the OpenAPI document says exactly what the code accepts and answers. Every
 parameter is checked at the boundary against the limits the document states (patterns,
 lengths, ranges), so a value PostgreSQL would refuse (a NUL character) never reaches it;
-every status an operation can answer is declared with it.
+every status an operation can answer is declared with it. ``tests/integration/
+test_api_fuzz.py`` holds the two to each other with Schemathesis.
 
 Metrics: ``GET /metrics`` serves the app's own Prometheus registry (:class:`ApiMetrics`,
 one per app, so several apps in one process don't clash). A plain ASGI middleware counts

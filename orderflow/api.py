@@ -16,6 +16,12 @@ Session discipline (each rule closes one of the classic async SQLAlchemy failure
 - Responses are built as pydantic models while the session is open; no ORM object leaves
   the path operation function.
 
+Contract: the OpenAPI document says exactly what the code accepts and answers. Every
+parameter is checked at the boundary against the limits the document states (patterns,
+lengths, ranges), so a value PostgreSQL would refuse (a NUL character) never reaches it;
+every status an operation can answer is declared with it. ``tests/integration/
+test_api_fuzz.py`` holds the two to each other with Schemathesis.
+
 Metrics: ``GET /metrics`` serves the app's own Prometheus registry (:class:`ApiMetrics`,
 one per app, so several apps in one process don't clash). A plain ASGI middleware counts
 every other request once it has been routed, labelled by the route's template
@@ -25,21 +31,20 @@ every other request once it has been routed, labelled by the route's template
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import gzip
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, NoReturn
 
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge, Histogram
@@ -71,9 +76,34 @@ MAX_PAGE_SIZE: Final = 200
 #: ``/readyz`` answers 503 when the database has not answered within this time: a probe
 #: must not hang on a database that accepts connections but never replies.
 READY_TIMEOUT_SECONDS: Final = 3.0
-#: A cursor is about 150 characters; anything much longer is not one of ours.
-_MAX_CURSOR_LENGTH: Final = 1024
-_CURSOR_VERSION: Final = 1
+#: What the query and path parameters accept, as regular expressions that mean the same in
+#: the OpenAPI document (ECMA-262), in pydantic (which enforces them) and in Python: ASCII
+#: classes only, no ``\d``/``\s`` (their meaning differs between the three).
+#:
+#: An order id: a UUID in its canonical 8-4-4-4-12 form (``format: uuid``); pydantic alone
+#: would also take braces, ``urn:uuid:`` and 32 bare digits, which the document doesn't say.
+UUID_PATTERN: Final = (
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+#: A filter value PostgreSQL can compare: ``text`` cannot hold a NUL character, so a value
+#: with one would be refused by the database (a 500) instead of by us (a 422).
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+#: The longest email an ``OrderPlaced`` may carry (``consumer.events.Email``).
+MAX_EMAIL_LENGTH: Final = 320
+#: A cursor: where its page ended (the last order's ``created_at`` in microseconds since
+#: the Unix epoch, and its id as 32 hex digits), then a check of that position together
+#: with the filters the page was listed with. Every string of this shape is a position;
+#: the check is what makes one cursor good for one listing only (see :func:`decode_cursor`).
+CURSOR_PATTERN: Final = r"^(-?[0-9]{1,18})\.([0-9a-f]{32})\.([0-9a-f]{16})$"
+_CURSOR: Final = re.compile(CURSOR_PATTERN)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+#: The positions of the first and last instant a ``datetime`` (so an order) can have.
+_EARLIEST_MICROS: Final = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+_LATEST_MICROS: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND
+#: The examples of the OpenAPI document (and of docs/api.md).
+EXAMPLE_ORDER_ID: Final = "0b6c6a53-2222-4a57-8f44-6d1b1c9e2a10"
+EXAMPLE_EMAIL: Final = "ada@example.com"
 _TIMESTAMP_FORMAT: JsonDict = {"format": "date-time", "examples": ["2026-11-24T10:15:00.123456Z"]}
 _MONEY_FORMAT: JsonDict = {"pattern": r"^\d+(\.\d+)?$", "examples": ["25.00"]}
 #: Where Prometheus scrapes; requests to it are not counted in the request metrics.
@@ -99,16 +129,20 @@ the transactional outbox.
   the `order_version` of the latest `OrderUpdated` of that order.
 * **Listing** is newest first (by `created_at`, then `id`) with keyset pagination: pass the
   `next_cursor` of one page as `cursor` to get the next one; `next_cursor` is `null` on the
-  last page. Cursors are opaque and tied to the filters they were issued with.
+  last page. Treat a cursor as a token: it holds where its page ended and a check of that
+  position together with the filters, so it works only with the `status` and
+  `customer_email` it was issued with.
 * Errors are JSON: `404` with a `detail` sentence, `422` with the list of invalid
-  parameters, `503` when the database cannot be reached.
-* Prometheus metrics are at `/metrics` (not listed here).
+  parameters, `503` (with `Retry-After`) when the database cannot be reached. Every
+  status an operation can answer is listed with it.
+* Prometheus metrics are at `/metrics`.
 """
 
 _TAGS = [
     {"name": "orders", "description": "Orders with their customer and lines."},
     {"name": "outbox", "description": "Messages waiting for the relay, per topic."},
     {"name": "health", "description": "Probes for orchestrators and load balancers."},
+    {"name": "metrics", "description": "Prometheus metrics of this process."},
 ]
 
 
@@ -187,7 +221,64 @@ class Health(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: str
+    detail: str = Field(description="What went wrong, in one sentence.")
+
+
+#: Declared on every operation that reads the database: what :func:`_database_unavailable`
+#: answers.
+_UNAVAILABLE: Final[dict[int | str, dict[str, Any]]] = {
+    503: {
+        "model": Problem,
+        "description": (
+            "The database cannot be reached, or every connection stayed busy for 30 s."
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
+#: Where a page leads (OpenAPI links): to its first order, and to the next page, listed with
+#: the same filters.
+_PAGE_LINKS: Final[dict[str, Any]] = {
+    "firstOrder": {
+        "operationId": "getOrder",
+        "description": "The first order of the page.",
+        "parameters": {"order_id": "$response.body#/orders/0/id"},
+    },
+    "nextPage": {
+        "operationId": "listOrders",
+        "description": "The next page: `next_cursor` as `cursor`, with the same filters.",
+        "parameters": {
+            "cursor": "$response.body#/next_cursor",
+            "status": "$request.query.status",
+            "customer_email": "$request.query.customer_email",
+            "limit": "$request.query.limit",
+        },
+    },
+}
+
+_METRICS_RESPONSE: Final[dict[str, Any]] = {
+    "description": (
+        "The metrics: Prometheus text format 0.0.4 by default, OpenMetrics 1.0.0 when the "
+        "`Accept` header asks for `application/openmetrics-text`."
+    ),
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/openmetrics-text": {"schema": {"type": "string"}},
+    },
+    "headers": {
+        "Cache-Control": {
+            "description": "Always `no-store`.",
+            "required": True,
+            "schema": {"type": "string", "enum": ["no-store"]},
+        },
+    },
+}
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -286,52 +377,86 @@ async def _database_unavailable(request: Request, error: Exception) -> JSONRespo
 def _add_routes(app: FastAPI) -> None:
     @app.get(
         "/orders/{order_id}",
+        operation_id="getOrder",
         tags=["orders"],
         summary="One order",
         response_model=OrderView,
-        responses={404: {"model": Problem, "description": "No order has this id."}},
+        responses={404: {"model": Problem, "description": "No order has this id."}, **_UNAVAILABLE},
     )
-    async def get_order(order_id: uuid.UUID, session: ReadSession) -> OrderView:
+    async def get_order(
+        session: ReadSession,
+        order_id: Annotated[
+            str,
+            Path(
+                pattern=UUID_PATTERN,
+                description="The order's id, a UUID (8-4-4-4-12 hex digits).",
+                json_schema_extra={"format": "uuid"},
+                openapi_examples={"order": {"value": EXAMPLE_ORDER_ID}},
+            ),
+        ],
+    ) -> OrderView:
         """The order with its customer and lines."""
-        statement = _with_details(select(Order).where(Order.id == order_id))
+        key = uuid.UUID(order_id)
+        statement = _with_details(select(Order).where(Order.id == key))
         order = (await session.execute(statement)).scalar_one_or_none()
         if order is None:
-            raise HTTPException(404, detail=f"order {order_id} not found")
+            raise HTTPException(404, detail=f"order {key} not found")
         return order_view(order)
 
     @app.get(
         "/orders",
+        operation_id="listOrders",
         tags=["orders"],
         summary="List orders, newest first",
         response_model=OrderPage,
+        responses={200: {"links": _PAGE_LINKS}, **_UNAVAILABLE},
     )
     async def list_orders(
         session: ReadSession,
         status: Annotated[
-            OrderStatus | None, Query(description="Only orders in this status.")
+            OrderStatus | None,
+            Query(
+                description="Only orders in this status.",
+                openapi_examples={"paid": {"value": "paid"}},
+            ),
         ] = None,
         customer_email: Annotated[
             str | None,
             Query(
                 min_length=1,
-                max_length=320,
-                description="Only orders of this customer (exact email, as placed).",
+                max_length=MAX_EMAIL_LENGTH,
+                pattern=NO_NUL_PATTERN,
+                description=(
+                    "Only orders of this customer (exact email, as placed; no NUL character)."
+                ),
+                openapi_examples={"customer": {"value": EXAMPLE_EMAIL}},
             ),
         ] = None,
         limit: Annotated[
-            int, Query(ge=1, le=MAX_PAGE_SIZE, description="Orders per page.")
+            int,
+            Query(
+                ge=1,
+                le=MAX_PAGE_SIZE,
+                description="Orders per page.",
+                openapi_examples={"small": {"value": 2}},
+            ),
         ] = DEFAULT_PAGE_SIZE,
         cursor: Annotated[
             str | None,
             Query(
-                max_length=_MAX_CURSOR_LENGTH,
-                description="The `next_cursor` of the previous page (same filters).",
+                # Checked by decode_cursor, which says what is wrong in words.
+                json_schema_extra={"pattern": CURSOR_PATTERN},
+                description=(
+                    "The `next_cursor` of the previous page, as given, with the same `status` "
+                    "and `customer_email` (a cursor of other filters, or an altered one, is "
+                    "`422`)."
+                ),
             ),
         ] = None,
     ) -> OrderPage:
         """A page of orders, newest first (by `created_at`, then `id`), with their customer
         and lines. Filters combine with AND."""
-        filters = _filter_digest(status, customer_email)
+        filters = Filters(None if status is None else status.value, customer_email)
         after = None if cursor is None else decode_cursor(cursor, filters)
         statement = select(Order)
         if status is not None:
@@ -358,9 +483,11 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get(
         "/outbox/stats",
+        operation_id="getOutboxStats",
         tags=["outbox"],
         summary="Outbox backlog per topic",
         response_model=OutboxStatsView,
+        responses=_UNAVAILABLE,
     )
     async def get_outbox_stats(session: ReadSession) -> OutboxStatsView:
         """Per topic: unpublished backlog, age of the oldest unpublished message, and
@@ -382,13 +509,20 @@ def _add_routes(app: FastAPI) -> None:
             ]
         )
 
-    @app.get("/healthz", tags=["health"], summary="Liveness", response_model=Health)
+    @app.get(
+        "/healthz",
+        operation_id="liveness",
+        tags=["health"],
+        summary="Liveness",
+        response_model=Health,
+    )
     async def healthz() -> Health:
         """200 while the process serves requests; it touches nothing else."""
         return Health(status="ok")
 
     @app.get(
         "/readyz",
+        operation_id="readiness",
         tags=["health"],
         summary="Readiness",
         response_model=Health,
@@ -405,15 +539,23 @@ def _add_routes(app: FastAPI) -> None:
             return JSONResponse({"status": "database unavailable"}, status_code=503)
         return Health(status="ok")
 
-    @app.get(METRICS_PATH, include_in_schema=False)
+    @app.get(
+        METRICS_PATH,
+        operation_id="metrics",
+        tags=["metrics"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: _METRICS_RESPONSE},
+    )
     async def metrics_endpoint(
         request: Request,
         db: Annotated[Database, Depends(database)],
         metrics: Annotated[ApiMetrics, Depends(app_metrics)],
     ) -> Response:
-        """Prometheus text format (OpenMetrics when asked for, gzip when accepted).
+        """Prometheus text format, or OpenMetrics when the `Accept` header asks for it;
+        gzip-compressed when `Accept-Encoding` allows it.
 
-        ``orderflow_ready`` is checked afresh for each scrape (the /readyz check), so it is
+        `orderflow_ready` is checked afresh for each scrape (the /readyz check), so it is
         right even where nothing probes /readyz.
         """
         metrics.set_ready(await _database_answers(db))
@@ -605,46 +747,56 @@ class Position:
     order_id: uuid.UUID
 
 
-def _filter_digest(status: OrderStatus | None, customer_email: str | None) -> str:
-    """A short fingerprint of the filters, so a cursor can't be used with other filters."""
-    material = orjson.dumps([None if status is None else status.value, customer_email])
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """The filters of a listing, as given (``status`` by its value)."""
+
+    status: str | None
+    customer_email: str | None
+
+
+def cursor_check(micros: str, order_hex: str, filters: Filters) -> str:
+    """The check of a cursor: its position together with the filters it was issued for.
+
+    Not a secret (anyone may page from any position by listing again): it makes a cursor
+    that was altered, or passed with other filters, a ``422`` instead of a page that
+    silently belongs to another listing.
+    """
+    material = orjson.dumps([micros, order_hex, filters.status, filters.customer_email])
     return hashlib.sha256(material).hexdigest()[:16]
 
 
-def encode_cursor(position: Position, filters: str) -> str:
-    document = {
-        "v": _CURSOR_VERSION,
-        "t": position.created_at.isoformat(),
-        "id": str(position.order_id),
-        "f": filters,
-    }
-    return base64.urlsafe_b64encode(orjson.dumps(document)).rstrip(b"=").decode()
+def encode_cursor(position: Position, filters: Filters) -> str:
+    micros = str((position.created_at - _EPOCH) // _MICROSECOND)
+    order_hex = position.order_id.hex
+    return f"{micros}.{order_hex}.{cursor_check(micros, order_hex, filters)}"
 
 
-def decode_cursor(cursor: str, filters: str) -> Position:
-    """The position in ``cursor``, or a 422 that says what is wrong with it."""
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        document = orjson.loads(raw)
-    except (binascii.Error, ValueError):
+def decode_cursor(cursor: str, filters: Filters) -> Position | None:
+    """The position in ``cursor``, or a 422 that says what is wrong with it (not of the
+    form of :data:`CURSOR_PATTERN`, or its check does not match); None for a position
+    after every possible order.
+
+    Every position of the pattern's range means something: one before the first instant a
+    timestamp can hold lists nothing, one after the last lists from the newest order.
+    """
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
         _invalid_cursor("it is not a cursor this API issued (use next_cursor as given)")
-    if not isinstance(document, dict) or document.get("v") != _CURSOR_VERSION:
-        _invalid_cursor("it is not a cursor this API issued (use next_cursor as given)")
-    if document.get("f") != filters:
+    micros, order_hex, check = match.groups()
+    if check != cursor_check(micros, order_hex, filters):
         _invalid_cursor(
-            "it was issued for other filters; use the same status and customer_email "
-            "as the first page, or start again without a cursor"
+            "it was issued for other filters, or altered; pass next_cursor as given, with "
+            "the same status and customer_email as the first page, or start again without "
+            "a cursor"
         )
-    created_at, order_id = document.get("t"), document.get("id")
-    try:
-        if not isinstance(created_at, str) or not isinstance(order_id, str):
-            raise ValueError("missing fields")
-        position = Position(datetime.fromisoformat(created_at), uuid.UUID(order_id))
-    except ValueError:
-        _invalid_cursor("its position is damaged (use next_cursor as given)")
-    if position.created_at.tzinfo is None:
-        _invalid_cursor("its position is damaged (use next_cursor as given)")
-    return position
+    offset = int(micros)
+    if offset > _LATEST_MICROS:
+        return None
+    if offset < _EARLIEST_MICROS:
+        # (created_at, id) < (earliest, nil) holds for no order.
+        return Position(datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+    return Position(_EPOCH + offset * _MICROSECOND, uuid.UUID(hex=order_hex))
 
 
 def _invalid_cursor(reason: str) -> NoReturn:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import signal
 import socket
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,10 +27,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from orderflow.api import (
+    CURSOR_PATTERN,
     METRICS_PATH,
     UNMATCHED_ROUTE,
     ApiMetrics,
+    Filters,
     create_app,
+    cursor_check,
     read_session,
 )
 from outbox import OutboxMessage, add_messages
@@ -51,6 +56,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 BASE = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @pytest.fixture
@@ -128,11 +134,35 @@ async def test_an_unknown_order_is_404_with_a_detail(api: Api) -> None:
     assert response.json() == {"detail": f"order {missing} not found"}
 
 
-async def test_an_id_that_is_not_a_uuid_is_422(api: Api) -> None:
-    response = await api.client.get("/orders/12345")
-    assert response.status_code == 422
+ORDER_ID = uuid.UUID("0b6c6a53-2222-4a57-8f44-6d1b1c9e2a10")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "12345",
+        ORDER_ID.hex,  # no hyphens
+        f"{{{ORDER_ID}}}",  # braces
+        ORDER_ID.urn,
+        f"{ORDER_ID}\n",
+        "0b6c6a53-2222-4a57-8f44-6d1b1c9e2a1\x00",
+    ],
+    ids=["digits", "hex", "braces", "urn", "newline", "nul"],
+)
+async def test_an_id_that_is_not_a_uuid_in_its_canonical_form_is_422(api: Api, text: str) -> None:
+    """The document says `format: uuid` (8-4-4-4-12): the forms pydantic would also read
+    are refused, so the code accepts what the document says and nothing else."""
+    response = await api.client.get(f"/orders/{urllib.parse.quote(text)}")
+    assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
     assert error["loc"] == ["path", "order_id"]
+
+
+async def test_an_id_in_capitals_is_the_same_order(env: TestEnv, api: Api) -> None:
+    (order,) = await insert_orders(env, [(BASE, "paid", "ada@example.com")])
+    response = await api.client.get(f"/orders/{str(order.id).upper()}")
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == str(order.id)
 
 
 # --- eager loading, sessions ---------------------------------------------------------------
@@ -260,8 +290,8 @@ async def test_the_default_page_is_50_orders(env: TestEnv, api: Api) -> None:
     assert page["next_cursor"] is not None
 
 
-def _cursor(document: object) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(document)).rstrip(b"=").decode()
+def _cursor(micros: int | str, order_id: uuid.UUID, check: str = "0" * 16) -> str:
+    return f"{micros}.{order_id.hex}.{check}"
 
 
 @pytest.mark.parametrize(
@@ -272,21 +302,44 @@ def _cursor(document: object) -> str:
         pytest.param({"limit": "201"}, "limit", "less than or equal to 200", id="limit-201"),
         pytest.param({"limit": "ten"}, "limit", "valid integer", id="limit-text"),
         pytest.param({"customer_email": ""}, "customer_email", "at least 1", id="empty-email"),
-        pytest.param({"cursor": "%%%"}, "cursor", "not a cursor", id="cursor-not-base64"),
         pytest.param(
-            {"cursor": base64.urlsafe_b64encode(b"\xff\x00").decode()},
-            "cursor",
-            "not a cursor",
-            id="cursor-not-json",
+            {"customer_email": "ada\x00@example.com"},
+            "customer_email",
+            "should match pattern",
+            id="email-with-nul",
         ),
         pytest.param(
-            {"cursor": _cursor({"v": 99, "t": BASE.isoformat(), "id": str(uuid.uuid4())})},
+            {"customer_email": "a" * 321}, "customer_email", "at most 320", id="email-too-long"
+        ),
+        pytest.param({"cursor": "%%%"}, "cursor", "not a cursor", id="cursor-garbage"),
+        pytest.param(
+            {"cursor": base64.urlsafe_b64encode(b'{"v":1}').decode()},
             "cursor",
             "not a cursor",
-            id="cursor-unknown-version",
+            id="cursor-of-another-form",
         ),
-        pytest.param({"cursor": _cursor([1, 2])}, "cursor", "not a cursor", id="cursor-list"),
-        pytest.param({"cursor": "A" * 2000}, "cursor", "at most 1024", id="cursor-too-long"),
+        pytest.param(
+            {"cursor": _cursor(1, uuid.uuid4()) + "\n"},
+            "cursor",
+            "not a cursor",
+            id="cursor-with-a-newline",
+        ),
+        pytest.param(
+            {"cursor": _cursor("1" * 19, uuid.uuid4())},
+            "cursor",
+            "not a cursor",
+            id="cursor-position-too-long",
+        ),
+        pytest.param(
+            {"cursor": _cursor(1, uuid.uuid4()).upper()},
+            "cursor",
+            "not a cursor",
+            id="cursor-upper",
+        ),
+        pytest.param({"cursor": "A" * 2000}, "cursor", "not a cursor", id="cursor-too-long"),
+        pytest.param(
+            {"cursor": _cursor(1, uuid.uuid4())}, "cursor", "other filters", id="cursor-not-ours"
+        ),
     ],
 )
 async def test_invalid_query_parameters_are_422(
@@ -304,7 +357,7 @@ async def test_a_tampered_cursor_is_422(env: TestEnv, api: Api) -> None:
         env, [(BASE + timedelta(seconds=i), "paid", "ada@example.com") for i in range(3)]
     )
     cursor = (await api.client.get("/orders", params={"limit": 1})).json()["next_cursor"]
-    document = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    micros, order_hex, check = cursor.split(".")
 
     async def rejection(tampered: str, **filters: str) -> str:
         response = await api.client.get("/orders", params={"cursor": tampered, **filters})
@@ -314,15 +367,45 @@ async def test_a_tampered_cursor_is_422(env: TestEnv, api: Api) -> None:
         message: str = error["msg"]
         return message
 
-    assert "damaged" in await rejection(_cursor({**document, "t": "yesterday"}))
-    assert "damaged" in await rejection(_cursor({**document, "t": "2026-11-24T10:00:00"}))
-    assert "damaged" in await rejection(_cursor({**document, "id": "not-a-uuid"}))
-    assert "damaged" in await rejection(_cursor({k: v for k, v in document.items() if k != "id"}))
-    assert "other filters" in await rejection(cursor, status="paid")
-    assert "other filters" in await rejection(_cursor({**document, "f": "0" * 16}))
+    assert "other filters, or altered" in await rejection(cursor, status="paid")
+    assert "other filters" in await rejection(cursor, customer_email="ada@example.com")
+    assert "altered" in await rejection(f"{int(micros) - 1}.{order_hex}.{check}")
+    assert "altered" in await rejection(f"{micros}.{uuid.uuid4().hex}.{check}")
+    assert "altered" in await rejection(f"{micros}.{order_hex}.{'0' * 16}")
     assert "not a cursor" in await rejection(cursor[:-3])
+    assert "not a cursor" in await rejection(f"{micros}.{order_hex}")
     # The untouched cursor still works.
     assert (await api.client.get("/orders", params={"cursor": cursor})).status_code == 200
+
+
+async def test_a_cursor_is_a_position_and_a_check(env: TestEnv, api: Api) -> None:
+    """The last order's created_at in microseconds since the epoch, its id in hex, and the
+    check of both with the filters."""
+    placed = await insert_orders(
+        env, [(BASE + timedelta(seconds=i), "paid", "ada@example.com") for i in range(3)]
+    )
+    page = (await api.client.get("/orders", params={"limit": 2, "status": "paid"})).json()
+    second_newest = sorted(placed, key=lambda order: order.created_at)[1]
+    micros, order_hex, check = page["next_cursor"].split(".")
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert int(micros) == (second_newest.created_at - epoch) // _MICROSECOND
+    assert order_hex == second_newest.id.hex
+    assert check == cursor_check(micros, order_hex, Filters("paid", None))
+    assert re.fullmatch(CURSOR_PATTERN, page["next_cursor"])
+
+
+async def test_a_cursor_before_or_after_every_order_is_a_position(env: TestEnv, api: Api) -> None:
+    """Every cursor of the documented form is a position, also past the first and the last
+    instant a timestamp can hold: before them lists nothing, after them lists all."""
+    await insert_orders(env, [(BASE, "paid", "ada@example.com")])
+    filters = Filters(None, None)
+    order_hex = uuid.uuid4().hex
+    tomorrow = str((BASE + timedelta(days=1) - datetime(1970, 1, 1, tzinfo=UTC)) // _MICROSECOND)
+    for micros, expected in (("-" + "9" * 18, 0), ("0", 0), (tomorrow, 1), ("9" * 18, 1)):
+        cursor = f"{micros}.{order_hex}.{cursor_check(micros, order_hex, filters)}"
+        response = await api.client.get("/orders", params={"cursor": cursor})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["orders"]) == expected, micros
 
 
 # --- GET /outbox/stats ---------------------------------------------------------------------
@@ -370,6 +453,12 @@ async def test_health_and_readiness(api: Api) -> None:
     readyz = await api.client.get("/readyz")
     assert (healthz.status_code, healthz.json()) == (200, {"status": "ok"})
     assert (readyz.status_code, readyz.json()) == (200, {"status": "ok"})
+    assert healthz.headers["content-type"] == readyz.headers["content-type"] == _JSON
+    metrics = await api.client.get(METRICS_PATH)
+    assert metrics.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+
+_JSON = "application/json"
 
 
 def _free_port() -> int:
@@ -389,10 +478,12 @@ async def test_without_a_database_probes_and_reads_say_503(env: TestEnv) -> None
         assert (await api.client.get("/healthz")).status_code == 200
         readyz = await api.client.get("/readyz")
         assert (readyz.status_code, readyz.json()) == (503, {"status": "database unavailable"})
+        assert readyz.headers["content-type"] == _JSON
         for path in (f"/orders/{uuid.uuid4()}", "/orders", "/outbox/stats"):
             response = await api.client.get(path)
             assert response.status_code == 503, (path, response.text)
             assert response.headers["retry-after"] == "5"
+            assert response.headers["content-type"] == _JSON
             assert "s3cret" not in response.text
         assert api.database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
@@ -413,6 +504,25 @@ async def test_openapi_document_and_docs_are_served(api: Api) -> None:
     }
     order = schema["components"]["schemas"]["OrderView"]
     assert order["properties"]["created_at"]["format"] == "date-time"
+    # Every status an operation can answer is declared (test_api_fuzz.py checks the
+    # answers against these); those that read the database say 503 with Retry-After.
+    declared = {
+        path: sorted(operation["get"]["responses"]) for path, operation in schema["paths"].items()
+    }
+    assert declared == {
+        "/orders/{order_id}": ["200", "404", "422", "503"],
+        "/orders": ["200", "422", "503"],
+        "/outbox/stats": ["200", "503"],
+        "/healthz": ["200"],
+        "/readyz": ["200", "503"],
+        METRICS_PATH: ["200"],
+    }
+    unavailable = listing["responses"]["503"]
+    assert unavailable["headers"]["Retry-After"]["required"] is True
+    metrics = schema["paths"][METRICS_PATH]["get"]["responses"]["200"]
+    assert set(metrics["content"]) == {"text/plain", "application/openmetrics-text"}
+    parameters = {parameter["name"]: parameter for parameter in listing["parameters"]}
+    assert parameters["cursor"]["schema"]["pattern"] == CURSOR_PATTERN
     docs = await api.client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 import typer.main
 from aiokafka import TopicPartition
@@ -20,7 +22,14 @@ import orderflow.cli.main
 from consumer.apply import BatchOutcome
 from consumer.errors import DeadLetterReason
 from consumer.observe import ConsumerObserver
-from orderflow.runtime.health import _BadRequest, _read_request, describe_error, listen_port
+from orderflow.devstand.embedded import free_port
+from orderflow.runtime.health import (
+    _BadRequest,
+    _read_request,
+    describe_error,
+    listen_port,
+    serve_health,
+)
 from orderflow.runtime.metrics import (
     PUBLISH_LATENCY_BUCKETS,
     ConsumerMetrics,
@@ -263,3 +272,97 @@ def test_every_metric_is_documented(document: str) -> None:
     assert len(names) >= 20
     missing = sorted(name for name in names if f"`{name}`" not in text)
     assert not missing, f"{document} does not list {missing}"
+
+
+# -- the endpoint's HTTP contract, on a real socket -----------------------------------------
+
+#: What docs/operations.md promises for each answer: status, content type (its start).
+_METRICS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def exchange(port: int, raw: bytes) -> Answer:
+    """Send ``raw`` as it is, read the whole answer (the endpoint closes after each)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+@pytest.fixture
+async def endpoint_port() -> AsyncIterator[int]:
+    """A consumer's endpoint with nothing to check against: alive, never ready."""
+    port = free_port()
+    unreachable = settings(
+        metrics_port=port,
+        database_url=f"postgresql://orderflow@127.0.0.1:{free_port()}/orders",
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+    )
+    async with serve_health(unreachable, ConsumerMetrics(), asyncio.Event()):
+        yield port
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "content_type"),
+    [
+        pytest.param(b"GET /healthz HTTP/1.1\r\n\r\n", 200, "application/json", id="healthz"),
+        pytest.param(b"HEAD /healthz HTTP/1.1\r\n\r\n", 200, "application/json", id="head"),
+        pytest.param(b"GET /readyz HTTP/1.1\r\n\r\n", 503, "application/json", id="not-ready"),
+        pytest.param(b"GET /metrics HTTP/1.1\r\n\r\n", 200, _METRICS_TEXT, id="metrics"),
+        pytest.param(
+            b"GET /metrics?x=1 HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n",
+            200,
+            _OPENMETRICS,
+            id="openmetrics",
+        ),
+        pytest.param(b"GET /nope HTTP/1.1\r\n\r\n", 404, "application/json", id="unknown-path"),
+        pytest.param(b"GET /metrics/ HTTP/1.1\r\n\r\n", 404, "application/json", id="slash"),
+        pytest.param(b"POST /readyz HTTP/1.1\r\n\r\n", 405, "application/json", id="post"),
+        pytest.param(b"BREW /metrics HTTP/1.1\r\n\r\n", 405, "application/json", id="brew"),
+        pytest.param(b"hello\r\n\r\n", 400, "application/json", id="not-http"),
+        pytest.param(b"GET /\x00\xff HTTP/1.1\r\nX\r\n\r\n", 400, "application/json", id="junk"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 65 + b"\r\n",
+            400,
+            "application/json",
+            id="too-many-headers",
+        ),
+    ],
+)
+async def test_every_answer_is_a_documented_status_and_content_type(
+    endpoint_port: int, raw: bytes, status: int, content_type: str
+) -> None:
+    """The statuses (200, 400, 404, 405, 503) and content types (JSON, or the metrics
+    formats) of docs/operations.md, each with a body of the length it says, not cached."""
+    answer = await exchange(endpoint_port, raw)
+    assert (answer.status, answer.headers["content-type"]) == (status, content_type)
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["connection"] == "close"
+    if raw.startswith(b"HEAD "):
+        assert answer.body == b""
+        return
+    assert len(answer.body) == int(answer.headers["content-length"])
+    if content_type == "application/json":
+        assert isinstance(orjson.loads(answer.body), dict)
+    if status == 405:
+        assert answer.headers["allow"] == "GET, HEAD"
+    if status == 503:
+        assert orjson.loads(answer.body)["missing"] == ["database", "broker", "partitions"]

@@ -13,17 +13,19 @@ every message of the batch before it is acknowledged: so each key's messages rea
 topic in the order they were committed, and a failed batch is retried before anything
 newer goes out. A batch carries at most one record batch per partition (a record batch is
 appended whole or not at all), so no part of a partition's share can land while an
-earlier part failed. The database and the broker still work at the same time: while
-batch N is on its way, the relay marks batch N-1 and reads batch N+1 (N's rows excluded).
+earlier part failed. The database, the broker and the relay still work at the same time:
+while batch N is on its way, the relay reads batch N+1 (N's rows excluded); once N is
+acknowledged, the server marks N while the relay builds N+1's record batches.
 
 Fenced: a batch is handed to the producer only right after the relay's session answered
-a round trip, so a relay whose session has died (and whose shards another relay may own
-from then on) starts no new batch. What the producer already held when the session died
-(a batch on its way, a record batch queued behind an older one of its partition) may
-still land after the new owner's copies: the new owner starts at the oldest unmarked
-message, so each key's first copies stay in order; only repeats can come late. The
-session's TCP keepalives are short, so that the server notices a relay whose host
-vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
+a round trip (the mark of the batch before it, or a probe), so a relay whose session has
+died (and whose shards another relay may own from then on) starts no new batch. What the
+producer already held when the session died (a batch on its way, a record batch queued
+behind an older one of its partition) may still land after the new owner's copies: the
+new owner starts at the oldest unmarked message, so each key's first copies stay in
+order; only repeats can come late. The session's TCP keepalives are short, so that the
+server notices a relay whose host vanished, and frees its shards, within seconds
+(``SESSION_SETTINGS``).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
@@ -370,10 +372,11 @@ class Relay:
     ) -> None:
         """Fetch, publish and mark, with the database and the broker working at once.
 
-        While batch N is on its way to the broker, the relay marks batch N-1 and fetches
-        batch N+1 (rows of N excluded: they are still unmarked). N+1 is sent only once
-        every message of N is acknowledged, so a failure in N is retried before anything
-        newer of its keys goes out; when N fails, the fetched N+1 is dropped unsent.
+        While batch N is on its way to the broker, the relay fetches batch N+1 (rows of N
+        excluded: they are still unmarked); once N is acknowledged, it marks N and builds
+        N+1 at the same time. N+1 is sent only once every message of N is acknowledged,
+        so a failure in N is retried before anything newer of its keys goes out; when N
+        fails, the fetched N+1 is dropped unsent.
         """
         next_claim = 0.0
         next_prune = self._now() + 1.0
@@ -402,16 +405,11 @@ class Relay:
                 # the last read filled a batch, or a commit was notified since.
                 worth_reading = in_flight is None or full or self._wake.is_set()
                 self._wake.clear()
-                outgoing: _Outgoing | None = None
+                rows: list[_Row] = []
                 if self._owned and not housekeeping and worth_reading:
                     # (With housekeeping due, the batch in flight finishes first.)
                     rows = await self._fetch(connection, in_flight.ids if in_flight else ())
                     full = len(rows) == self._config.batch_size
-                    if rows:
-                        # Built while the batch before it is on its way (CPU beside the
-                        # broker's work); what did not fit is read again with the next one.
-                        outgoing = await self._prepare(rows)
-                        full = full or len(outgoing.rows) < len(rows)
                 acknowledged: _InFlight | None = None
                 if in_flight is not None:
                     if not await self._acknowledged(in_flight):
@@ -419,13 +417,19 @@ class Relay:
                         await self._sleep(stop, backoff.next_delay())
                         continue  # what was fetched is dropped unsent, and read again
                     acknowledged, in_flight = in_flight, None
-                if outgoing is not None and not stop.is_set():  # stopping: it waits for later
-                    # The fence: the session, and so the shard locks, is alive right now.
-                    await self._probe(connection)
-                    in_flight = await self._send(outgoing)
+                # The next batch is built while the server marks the one acknowledged (CPU
+                # here beside the server's work); what did not fit is read again later.
+                outgoing, fenced = await self._mark_while(connection, acknowledged, rows)
                 if acknowledged is not None:
-                    await self._mark(connection, acknowledged)
                     backoff.reset()
+                if outgoing is not None:
+                    full = full or len(outgoing.rows) < len(rows)
+                    if not stop.is_set():  # stopping: it waits for later
+                        # The fence: the session, and so the shard locks, is alive now
+                        # (it has just answered the mark, or it answers a probe).
+                        if not fenced:
+                            await self._probe(connection)
+                        in_flight = await self._send(outgoing)
                 if in_flight is None:
                     due = min(next_claim, next_prune) - self._now()
                     await self._wait(stop, min(self._config.poll_interval, max(0.0, due)))
@@ -452,6 +456,25 @@ class Relay:
                     await self._mark(connection, batch)
         finally:
             batch.deliveries.cancel()
+
+    async def _mark_while(
+        self, connection: AsyncConnection, acknowledged: _InFlight | None, rows: list[_Row]
+    ) -> tuple[_Outgoing | None, bool]:
+        """Mark ``acknowledged`` (if any) and, while the server does, build the record
+        batches of ``rows`` (if any). Also whether the mark was answered after they were
+        built: the session answered a round trip just now, which fences them."""
+        if acknowledged is None:
+            return (await self._prepare(rows) if rows else None), False
+        marking = asyncio.ensure_future(self._mark(connection, acknowledged))
+        outgoing: _Outgoing | None = None
+        try:
+            if rows:
+                await asyncio.sleep(0)  # the mark's statement goes out first
+                outgoing = await self._prepare(rows)
+        finally:
+            fenced = not marking.done()
+            await marking
+        return outgoing, fenced
 
     async def _prepare(self, rows: list[_Row]) -> _Outgoing:
         """The record batches for ``rows``, one per topic partition, each in id order.

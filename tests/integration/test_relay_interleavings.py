@@ -194,6 +194,25 @@ async def test_a_relay_whose_session_ended_sends_nothing_more(bench: Bench) -> N
     assert relay.stats.failures >= 1  # it lost its session, reconnected and went on
 
 
+async def test_a_relay_whose_session_ended_after_its_read_sends_nothing(bench: Bench) -> None:
+    """Nothing in flight, so no mark answers for the session: the relay reads a batch,
+    and its session ends before the batch is handed over. The probe must stop it."""
+    harness = bench.harness
+    await idle_relay(harness, RelayConfig(prune_interval=10.0**9))
+    [relay] = harness.relays
+    writer = harness.begin()
+    await harness.insert(writer, [b"fenced"])
+    await harness.commit(writer)
+    await harness.release(relay)
+    await harness.run_until(relay, "probe")  # read, built, about to be handed over
+    await harness.end_session(relay)
+    await harness.release(relay)
+    assert harness.held == [], "the batch was handed to the producer"
+    await harness.drain()
+    assert await bench.finish() == []
+    assert relay.stats.failures >= 1
+
+
 async def test_a_topic_the_producer_cannot_place_fails_the_batch_and_is_retried(
     bench: Bench,
 ) -> None:

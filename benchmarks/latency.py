@@ -53,6 +53,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import io
 import logging
@@ -60,6 +61,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -92,6 +94,8 @@ WARM_UP_SECONDS = 2.0
 PRIME_TIMEOUT_SECONDS = 60.0
 #: After the last send, every counted event must come back within this long.
 DRAIN_TIMEOUT_SECONDS = 30.0
+#: An embedded PostgreSQL keeps each transaction's commit time (for the stages).
+COMMIT_TIMESTAMPS = (("track_commit_timestamp", "on"),)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -181,21 +185,80 @@ async def until_received(flow: Flow, event_ids: list[str], seconds: float) -> No
 
 @dataclass
 class Stages:
-    """Per-event stage durations (ms) from the database's timestamps."""
+    """Per-event stage durations (ms): the database's timestamps and the relay's log."""
 
+    #: send -> the consumer's transaction starts (``processed_at``).
     to_consumer: list[float] = field(default_factory=list)
-    to_published: list[float] = field(default_factory=list)
+    #: -> the transaction commits (its commit timestamp; empty without
+    #: ``track_commit_timestamp``, and the next stage then starts at the transaction start).
+    transaction: list[float] = field(default_factory=list)
+    #: -> the relay hands the message's batch to the producer.
+    to_relay_send: list[float] = field(default_factory=list)
+    #: -> the relay has every ack of that batch.
+    produce: list[float] = field(default_factory=list)
+    #: -> the subscriber receives it.
     to_subscriber: list[float] = field(default_factory=list)
 
 
-async def stages(url: str, flow: Flow, counted: list[str]) -> Stages:
+@dataclass(frozen=True)
+class RelayBatch:
+    """One ``batch published`` line of the relay's log (times: seconds since the epoch)."""
+
+    first_id: int
+    last_id: int
+    sent: float
+    acked: float
+
+
+class RelayBatches(logging.Handler):
+    """Collects the in-process relay's ``batch published`` records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.batches: list[RelayBatch] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = record.__dict__
+        if record.getMessage() == "batch published" and "first_id" in fields:
+            self.batches.append(
+                relay_batch(
+                    fields["first_id"], fields["last_id"], record.created, fields["duration_ms"]
+                )
+            )
+
+
+def relay_batch(first_id: int, last_id: int, acked: float, duration_ms: float) -> RelayBatch:
+    return RelayBatch(int(first_id), int(last_id), acked - float(duration_ms) / 1000, acked)
+
+
+def relay_batches_from_log(path: Path) -> list[RelayBatch]:
+    """The ``batch published`` lines of a relay's JSON log."""
+    batches = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "batch published":
+                acked = datetime.fromisoformat(entry["timestamp"]).timestamp()
+                batches.append(
+                    relay_batch(entry["first_id"], entry["last_id"], acked, entry["duration_ms"])
+                )
+    return batches
+
+
+async def stages(
+    url: str, flow: Flow, counted: list[str], batches: list[RelayBatch]
+) -> tuple[Stages, bool]:
+    """The stages of every counted event, and whether commit timestamps were on."""
     connection = await asyncpg.connect(url)
     try:
+        committing = await connection.fetchval("SHOW track_commit_timestamp") == "on"
         rows = await connection.fetch(
-            """
-            SELECT p.event_id::text AS event_id,
+            f"""
+            SELECT p.event_id::text AS event_id, o.id AS outbox_id,
                    extract(epoch FROM p.processed_at) AS processed,
-                   extract(epoch FROM o.published_at) AS published
+                   {
+                "extract(epoch FROM pg_xact_commit_timestamp(p.xmin))" if committing else "NULL"
+            } AS committed
             FROM processed_events p
             JOIN outbox_messages o
               ON (convert_from(o.payload, 'UTF8')::jsonb ->> 'causation_id') = p.event_id::text
@@ -205,16 +268,28 @@ async def stages(url: str, flow: Flow, counted: list[str]) -> Stages:
         )
     finally:
         await connection.close()
+    # One relay, reading in id order: each batch covers an id range of its own.
+    ordered = sorted(batches, key=lambda batch: batch.first_id)
+    firsts = [batch.first_id for batch in ordered]
     result = Stages()
     for row in rows:
         event_id = row["event_id"]
         sent = flow.sent[event_id] + flow.wall_offset
         received = flow.received[event_id] + flow.wall_offset
-        processed, published = float(row["processed"]), float(row["published"])
+        processed = float(row["processed"])
         result.to_consumer.append((processed - sent) * 1000)
-        result.to_published.append((published - processed) * 1000)
-        result.to_subscriber.append((received - published) * 1000)
-    return result
+        ready = processed
+        if row["committed"] is not None:
+            ready = float(row["committed"])
+            result.transaction.append((ready - processed) * 1000)
+        at = bisect.bisect_right(firsts, row["outbox_id"]) - 1
+        if at < 0 or ordered[at].last_id < row["outbox_id"]:
+            continue  # no batch line names it (cannot happen with one relay)
+        batch = ordered[at]
+        result.to_relay_send.append((batch.sent - ready) * 1000)
+        result.produce.append((batch.acked - batch.sent) * 1000)
+        result.to_subscriber.append((received - batch.acked) * 1000)
+    return result, committing
 
 
 # --------------------------------------------------------------------------- driver
@@ -239,6 +314,8 @@ class Outcome:
     counted: int
     repeats: int
     stages: Stages
+    #: Whether the server keeps commit timestamps (the transaction stage needs them).
+    commit_timestamps: bool
     consumer_batches: int
     applied: int
     relay_batches: int
@@ -402,25 +479,43 @@ async def measure(
 async def _benchmark(
     services: Services, settings: Settings, url: str, args: argparse.Namespace
 ) -> Outcome:
-    def start(
-        stop: asyncio.Event,
-    ) -> tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]:
-        if args.in_process:
-            return [
-                asyncio.create_task(run_consumer(settings, stop)),
-                asyncio.create_task(run_relay(settings, stop)),
-            ], []
-        return [], [start_process(command, settings) for command in ("consume", "relay")]
+    with tempfile.TemporaryDirectory(prefix="orderflow-latency-") as scratch:
+        relay_log = Path(scratch) / "relay.log"
+        collected = RelayBatches()
+        relay_logger = logging.getLogger("orderflow.relay")
 
-    measured = await measure(services, settings, args, start)
+        def start(
+            stop: asyncio.Event,
+        ) -> tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]:
+            if args.in_process:
+                relay_logger.setLevel(logging.INFO)
+                relay_logger.addHandler(collected)
+                return [
+                    asyncio.create_task(run_consumer(settings, stop)),
+                    asyncio.create_task(run_relay(settings, stop)),
+                ], []
+            return [], [
+                start_process("consume", settings),
+                # At INFO, in JSON: its "batch published" lines time each batch's send
+                # and acks (one line a batch: a few hundred a second at most).
+                start_process("relay", settings, log=relay_log),
+            ]
+
+        try:
+            measured = await measure(services, settings, args, start)
+        finally:
+            relay_logger.removeHandler(collected)
+        batches = collected.batches if args.in_process else relay_batches_from_log(relay_log)
     # Read after the stop: the relay's last batch is marked (and counted) by then.
     consumer_batches, applied, relay_batches, published = await counts(url)
+    stage, commit_timestamps = await stages(url, measured.flow, measured.counted, batches)
     return Outcome(
         latencies_ms=measured.latencies_ms,
         sent=measured.sent,
         counted=len(measured.counted),
         repeats=measured.flow.repeats,
-        stages=await stages(url, measured.flow, measured.counted),
+        stages=stage,
+        commit_timestamps=commit_timestamps,
         consumer_batches=consumer_batches,
         applied=applied,
         relay_batches=relay_batches,
@@ -499,15 +594,30 @@ def service_environment(settings: Settings) -> dict[str, str]:
     }
 
 
-def start_process(command: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """``orderflow <command>`` configured as ``settings`` (stderr passed through)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "orderflow", command, "--log-level", "WARNING"],
-        env=service_environment(settings),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def start_process(
+    command: str, settings: Settings, *, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``orderflow <command>`` configured as ``settings``: warnings to our stderr, or
+    everything from INFO up, as JSON lines, to ``log``."""
+    environment = service_environment(settings)
+    level = "WARNING"
+    stderr: int | io.BufferedWriter | None = None
+    if log is not None:
+        environment["ORDERFLOW_LOG_FORMAT"] = "json"
+        level = "INFO"
+        stderr = log.open("wb")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orderflow", command, "--log-level", level],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()
 
 
 async def until_exit(process: subprocess.Popen[bytes]) -> None:
@@ -600,14 +710,20 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
     out.write(
         f"  count {len(values)}  p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  max {top:.1f}\n"
     )
-    out.write("stages (ms), from the database's timestamps:\n")
+    out.write("stages (ms), from the database's timestamps and the relay's log:\n")
     stage = outcome.stages
-    out.write(f"  send -> consumer transaction start   {summary(stage.to_consumer)}\n")
-    out.write(f"  -> relay marks it published (acked)  {summary(stage.to_published)}\n")
-    out.write(f"  -> subscriber receives it            {summary(stage.to_subscriber)}\n")
+    out.write(f"  send -> consumer transaction start     {summary(stage.to_consumer)}\n")
+    if outcome.commit_timestamps:
+        out.write(f"  -> its commit                         {summary(stage.transaction)}\n")
+        out.write(f"  -> relay hands its batch to producer  {summary(stage.to_relay_send)}\n")
+    else:
+        out.write("  -> its commit                         - (track_commit_timestamp is off)\n")
+        out.write(f"  (from the start) -> relay hands over  {summary(stage.to_relay_send)}\n")
+    out.write(f"  -> every ack of that batch            {summary(stage.produce)}\n")
+    out.write(f"  -> subscriber receives it             {summary(stage.to_subscriber)}\n")
     out.write(
-        "  (the subscriber usually has a message before the relay marks it: that stage can be "
-        "negative)\n\n"
+        "  (each from the one before; the subscriber may have a message a little before the "
+        "relay has read its ack: the last stage can be negative)\n\n"
     )
     if outcome.cpu_seconds:
         events = max(1, outcome.sent)
@@ -667,8 +783,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_forwarder()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # Only warnings on the terminal, whatever a logger lets through (``--in-process``
+        # lets the relay's batch lines through, to time its batches).
+        handler.setLevel(logging.WARNING)
     began = time.perf_counter()
-    with provide_services() as services:
+    with provide_services(COMMIT_TIMESTAMPS) as services:
         outcome = asyncio.run(benchmark(services, args))
     say(f"(whole run: {time.perf_counter() - began:.1f} s)")
     say(report(outcome, args))

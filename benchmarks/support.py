@@ -38,14 +38,20 @@ def plain_url(url: str, database: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def provide_services() -> Iterator[Services]:
+def provide_services(
+    postgres_settings: tuple[tuple[str, str], ...] = (),
+) -> Iterator[Services]:
+    """The services of ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS``, or embedded ones
+    (``postgres_settings``: more server settings for an embedded PostgreSQL)."""
     database_url = os.environ.get("DATABASE_URL")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     with contextlib.ExitStack() as stack:
         if database_url:
             pg_origin = f"PostgreSQL {redacted(async_database_url(database_url))} (DATABASE_URL)"
         else:
-            postgres = stack.enter_context(EmbeddedPostgres(durable=True))
+            postgres = stack.enter_context(
+                EmbeddedPostgres(durable=True, server_settings=postgres_settings)
+            )
             database_url = postgres.url
             pg_origin = "embedded PostgreSQL (durable: fsync on)"
         if bootstrap:

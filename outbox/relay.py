@@ -535,6 +535,9 @@ class Relay:
         refused = outgoing.refused
         try:
             for topic, partition, builder in outgoing.record_batches:
+                # Complete: a closed record batch goes out at once (an open one would wait
+                # for the producer's linger, for records that will never come).
+                builder.close()
                 deliveries.append(
                     await self.producer.send_batch(builder, topic, partition=partition)
                 )

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderflow.runtime import services
 from orderflow.runtime.services import run_relay
-from orderflow.runtime.wiring import ServiceError, create_engine, create_producer
+from orderflow.runtime.wiring import ServiceError, create_engine, create_producer, kafka_common
 from orderflow.tools.samples import SampleStream
 from outbox import OutboxMessage, add_messages, shard_of
 from outbox import relay as relay_module
@@ -377,6 +377,28 @@ class FailingAcks:
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         failed.set_exception(KafkaTimeoutError("no ack (test)"))
         return failed
+
+
+async def test_record_batches_go_out_whole_without_waiting_for_the_linger(env: TestEnv) -> None:
+    """The relay builds each record batch whole, so the producer must not hold it back for
+    more records: with a ten-minute linger, a batch still goes out at once."""
+    topic = env.settings.outbound_topic
+    lingering = AIOKafkaProducer(
+        acks="all",
+        enable_idempotence=env.settings.kafka_idempotence,
+        linger_ms=600_000,
+        **kafka_common(env.settings),
+    )
+    await lingering.start()
+    try:
+        ids = await insert_messages(env, [message(topic, f"whole{i}") for i in range(3)])
+        async with direct_relay(env, RelayConfig(), producer=lambda _: lingering) as running:
+            await wait_all_published(env)
+            assert running.relay.stats.published == len(ids)
+        records = await read_topic(env.settings, topic, len(ids))
+    finally:
+        await lingering.stop()
+    assert sorted(r.key for r in records) == sorted(f"whole{i}".encode() for i in range(3))
 
 
 async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(

@@ -187,6 +187,12 @@ class RecordingBatch:
     def size(self) -> int:
         return int(self.builder.size())
 
+    def close(self) -> None:
+        self.builder.close()
+
+    def closed(self) -> bool:
+        return bool(self.builder.closed())
+
 
 class RecordingProducer:
     """The part of ``AIOKafkaProducer`` the relay uses, recording each batch in a ledger.
@@ -194,7 +200,7 @@ class RecordingProducer:
     What is sent is exactly what the caller built: ``send_batch`` hands the wrapped
     ``BatchBuilder`` itself to the real producer and returns the real delivery future.
     ``create_batch`` returns a :class:`RecordingBatch` typed as the ``BatchBuilder`` it
-    wraps (callers only ``append`` to it and hand it back), so that this class is an
+    wraps (callers only ``append`` to it, ``close`` it and hand it back), so that this class is an
     ``outbox.relay.Producer`` as it stands.
     """
 

@@ -16,6 +16,9 @@ from orderflow.devstand.embedded import EmbeddedKafka, EmbeddedPostgres
 from orderflow.runtime.migrate import upgrade
 from orderflow.runtime.settings import async_database_url, redacted
 
+#: What ``ORDERFLOW_KAFKA_IDEMPOTENCE`` takes as true.
+TRUE = frozenset({"1", "true", "yes", "on"})
+
 
 def say(text: str = "") -> None:
     print(text, flush=True)
@@ -62,6 +65,12 @@ def provide_services(
             bootstrap = tansu.bootstrap_servers
             kafka_origin = "embedded Tansu"
             idempotence, session_timeout_ms = False, 3000
+        # As orderflow's own settings would: a broker without idempotence (Tansu given by
+        # address, say), or a session timeout of its own.
+        if os.environ.get("ORDERFLOW_KAFKA_IDEMPOTENCE"):
+            idempotence = os.environ["ORDERFLOW_KAFKA_IDEMPOTENCE"].strip().lower() in TRUE
+        if os.environ.get("ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS"):
+            session_timeout_ms = int(os.environ["ORDERFLOW_KAFKA_SESSION_TIMEOUT_MS"])
         yield Services(
             admin_url=plain_url(database_url),
             bootstrap_servers=bootstrap,

@@ -401,8 +401,9 @@ async def send_chunk(
     every: list[int],
     partitioner: DefaultPartitioner,
 ) -> list[asyncio.Future[Any]]:
-    """One chunk as the relay hands over a batch (``outbox.relay.Relay._hand_over``): one
-    record batch per partition (murmur2 of the key), a new one when it is full."""
+    """One chunk as the relay hands over a batch (``outbox.relay.Relay._prepare`` and
+    ``_send``): one record batch per partition (murmur2 of the key), a new one when it is
+    full, each closed before it is handed over (so it does not wait for the linger)."""
     builders: dict[int, Any] = {}
     deliveries: list[asyncio.Future[Any]] = []
     for key, value, headers in messages:
@@ -416,6 +417,7 @@ async def send_chunk(
             if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 raise RuntimeError("a message does not fit an empty record batch")
     for partition, builder in builders.items():
+        builder.close()
         deliveries.append(await producer.send_batch(builder, topic, partition=partition))
     return deliveries
 

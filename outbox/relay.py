@@ -18,22 +18,22 @@ while batch N is on its way, the relay reads batch N+1 (N's rows excluded); once
 acknowledged, the server marks N while the relay builds N+1's record batches.
 
 Fenced: a batch is handed to the producer only right after the relay's session answered
-a round trip (the mark of the batch before it, or a probe), so a relay whose session has
-died (and whose shards another relay may own from then on) starts no new batch. What the
-producer already held when the session died (a batch on its way, a record batch queued
-behind an older one of its partition) may still land after the new owner's copies: the
-new owner starts at the oldest unmarked message, so each key's first copies stay in
-order; only repeats can come late. The session's TCP keepalives are short, so that the
-server notices a relay whose host vanished, and frees its shards, within seconds
-(``SESSION_SETTINGS``).
+a round trip sent after the batch was built, so a relay whose session has died (and whose
+shards another relay may own from then on) starts no new batch. What the producer
+already held when the session died (a batch on its way, a record batch queued behind an
+older one of its partition) may still land after the new owner's copies: the new owner
+starts at the oldest unmarked message, so each key's first copies stay in order; only
+repeats can come late. The session's TCP keepalives are short, so that the server notices
+a relay whose host vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
 
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
 message at a time, and reads and marks rows on the driver connection directly.
 
-At least once: rows are marked published only after the broker acknowledged them. A
-crash between an ack and its mark repeats what was not marked yet (at most the last two
-batches), with the same bytes (and so the same ``event_id`` headers and payload ids).
+At least once: rows are marked published only after the broker acknowledged them, and
+the next batch goes out only after that mark. A crash repeats at most the one batch sent
+but not marked yet, with the same bytes (and so the same ``event_id`` headers and
+payload ids).
 
 Failures: a failed batch is retried with backoff (so is a lost database session, after
 which the relay reconnects and claims shards anew). A producer that can never send again
@@ -419,16 +419,14 @@ class Relay:
                     acknowledged, in_flight = in_flight, None
                 # The next batch is built while the server marks the one acknowledged (CPU
                 # here beside the server's work); what did not fit is read again later.
-                outgoing, fenced = await self._mark_while(connection, acknowledged, rows)
+                outgoing = await self._mark_while(connection, acknowledged, rows)
                 if acknowledged is not None:
                     backoff.reset()
                 if outgoing is not None:
                     full = full or len(outgoing.rows) < len(rows)
                     if not stop.is_set():  # stopping: it waits for later
-                        # The fence: the session, and so the shard locks, is alive now
-                        # (it has just answered the mark, or it answers a probe).
-                        if not fenced:
-                            await self._probe(connection)
+                        # The fence: the session, and so the shard locks, is alive now.
+                        await self._probe(connection)
                         in_flight = await self._send(outgoing)
                 if in_flight is None:
                     due = min(next_claim, next_prune) - self._now()
@@ -459,22 +457,22 @@ class Relay:
 
     async def _mark_while(
         self, connection: AsyncConnection, acknowledged: _InFlight | None, rows: list[_Row]
-    ) -> tuple[_Outgoing | None, bool]:
+    ) -> _Outgoing | None:
         """Mark ``acknowledged`` (if any) and, while the server does, build the record
-        batches of ``rows`` (if any). Also whether the mark was answered after they were
-        built: the session answered a round trip just now, which fences them."""
+        batches of ``rows`` (if any).
+
+        (The mark's answer is no fence for them: it may wait unread while they are built,
+        the session ending meanwhile.)"""
         if acknowledged is None:
-            return (await self._prepare(rows) if rows else None), False
+            return await self._prepare(rows) if rows else None
         marking = asyncio.ensure_future(self._mark(connection, acknowledged))
-        outgoing: _Outgoing | None = None
         try:
             if rows:
                 await asyncio.sleep(0)  # the mark's statement goes out first
-                outgoing = await self._prepare(rows)
+                return await self._prepare(rows)
+            return None
         finally:
-            fenced = not marking.done()
             await marking
-        return outgoing, fenced
 
     async def _prepare(self, rows: list[_Row]) -> _Outgoing:
         """The record batches for ``rows``, one per topic partition, each in id order.

@@ -194,6 +194,28 @@ async def test_a_relay_whose_session_ended_sends_nothing_more(bench: Bench) -> N
     assert relay.stats.failures >= 1  # it lost its session, reconnected and went on
 
 
+async def test_a_relay_whose_session_ended_after_a_mark_sends_nothing(bench: Bench) -> None:
+    """N acknowledged and marked while N+1 was built; then the session ends, before N+1 is
+    handed over. The mark's answer came before the end: only the probe can stop N+1."""
+    harness = bench.harness
+    await idle_relay(harness, RelayConfig(batch_size=1, prune_interval=10.0**9))
+    [relay] = harness.relays
+    writer = harness.begin()
+    first, _ = await harness.insert(writer, [b"fenced", b"fenced"])
+    await harness.commit(writer)
+    await harness.release(relay)
+    await harness.run_until(relay, "ack")  # N sent, N+1 read ahead
+    [held] = harness.held
+    assert held.ids == [first.id]
+    await harness.settle(held, "delivered")
+    await harness.run_until(relay, "probe")  # N marked, N+1 built
+    await harness.end_session(relay)
+    await harness.release(relay)
+    assert harness.held == [], "N+1 was handed to the producer"
+    await harness.drain()
+    assert await bench.finish() == []
+
+
 async def test_a_relay_whose_session_ended_after_its_read_sends_nothing(bench: Bench) -> None:
     """Nothing in flight, so no mark answers for the session: the relay reads a batch,
     and its session ends before the batch is handed over. The probe must stop it."""

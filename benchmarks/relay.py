@@ -473,9 +473,19 @@ async def run_raw_producers(
 
 
 async def run_relays(
-    services: Services, url: str, relays: int, rows: int, *, profile: bool = False
+    services: Services,
+    url: str,
+    relays: int,
+    rows: int,
+    *,
+    profile: bool = False,
+    retention_hours: float | None = None,
 ) -> Measurement:
+    """``relays`` relays drain the ``rows`` unpublished rows (``retention_hours``: how long
+    they keep published rows, else the default)."""
     settings = kafka_settings(services, url)
+    if retention_hours is not None:
+        settings = settings.with_overrides(outbox_retention_hours=retention_hours)
     engines = [create_engine(settings, pool_size=1) for _ in range(relays)]
     producers = [create_producer(settings) for _ in range(relays)]
     ledger = Ledger()

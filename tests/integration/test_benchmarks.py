@@ -63,3 +63,10 @@ def test_the_latency_benchmark_times_every_stage(services: Services) -> None:
     assert "p50" in acks
     [handed] = [line for line in lines if "hands" in line]
     assert "p50" in handed
+
+
+@pytest.mark.timeout(600)
+def test_the_retention_benchmark_runs(services: Services) -> None:
+    lines = run_benchmark(services, "retention.py", "--retained", "5000", "--rows", "2000")
+    assert "retained_ratio=" in lines[-1]
+    assert "stalled" not in "\n".join(lines)

@@ -85,6 +85,10 @@ log = logging.getLogger("orderflow.relay")
 SETTLE_SECONDS: Final = 5.0
 #: How long the round trip that fences a batch may take before the session counts as lost.
 PROBE_TIMEOUT_SECONDS: Final = 10.0
+#: While pruning has more to delete, the pause after a prune round, in multiples of the
+#: round's duration (so pruning takes at most a fifth of the relay's time), and at least.
+PRUNE_PAUSE: Final = 4.0
+PRUNE_PAUSE_MINIMUM: Final = 0.05
 #: First key of the two-key advisory locks that mark shard ownership ("oflw").
 ADVISORY_LOCK_NAMESPACE: Final = 0x6F666C77
 #: First key of the advisory lock each live relay holds, to count relays ("ofmb").
@@ -150,7 +154,8 @@ class RelayConfig:
     claim_interval: float = 2.0
     #: How often the relay moves its scan floor past rows already published.
     floor_interval: float = 0.25
-    #: Published rows are kept this long (for resend), then pruned in batches.
+    #: Published rows are kept this long (for resend), then pruned in batches (one batch
+    #: a round, publishing in between, until no more are due; then every prune_interval).
     retention: timedelta = timedelta(days=7)
     prune_interval: float = 60.0
     prune_batch: int = 5000
@@ -393,8 +398,7 @@ class Relay:
                         await self._claim(connection)
                         next_claim = now + self._config.claim_interval
                     if now >= next_prune:
-                        await self._prune(connection)
-                        next_prune = now + self._config.prune_interval
+                        next_prune = await self._prune(connection)
                     housekeeping = False
 
                 if self._owned and now >= next_floor:
@@ -712,15 +716,23 @@ class Relay:
             for record in records
         ]
 
-    async def _prune(self, connection: AsyncConnection) -> None:
-        while True:
-            result = await connection.execute(
-                _PRUNE, {"retention": self._config.retention, "limit": self._config.prune_batch}
-            )
-            deleted = int(getattr(result, "rowcount", 0) or 0)
-            self.stats.pruned += deleted
-            if deleted < self._config.prune_batch:
-                return
+    async def _prune(self, connection: AsyncConnection) -> float:
+        """Delete one batch of rows published longer than the retention ago; when the next
+        prune round is due.
+
+        One batch a round, so that publishing goes on between them: while there is more
+        to delete, the next round comes ``PRUNE_PAUSE`` times this round's duration later,
+        so pruning a long history takes at most about a fifth of the relay's time."""
+        began = self._now()
+        result = await connection.execute(
+            _PRUNE, {"retention": self._config.retention, "limit": self._config.prune_batch}
+        )
+        deleted = int(getattr(result, "rowcount", 0) or 0)
+        self.stats.pruned += deleted
+        now = self._now()
+        if deleted < self._config.prune_batch:
+            return now + self._config.prune_interval
+        return now + max(PRUNE_PAUSE_MINIMUM, PRUNE_PAUSE * (now - began))
 
 
 async def _settled(deliveries: Sequence[asyncio.Future[Any]], refused: Exception | None) -> None:

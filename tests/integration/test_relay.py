@@ -777,6 +777,43 @@ async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
         await holder.close()
 
 
+async def test_publishing_goes_on_while_a_long_history_is_pruned(env: TestEnv) -> None:
+    """History past its retention goes a batch a round, with publishing in between: a
+    message committed while the pruning has far to go is published before it ends (a
+    relay that pruned until done would publish nothing meanwhile)."""
+    topic = env.settings.outbound_topic
+    old = await insert_messages(env, [message(topic, f"old{i}") for i in range(3000)])
+    async with env.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "UPDATE outbox_messages SET published_at = now() - interval '8 days' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": old},
+        )
+    config = RelayConfig(retention=timedelta(days=7), prune_batch=50, claim_interval=0.2)
+    async with direct_relay(env, config) as running:
+
+        async def pruning() -> None:
+            assert running.relay.stats.pruned > 0
+
+        await eventually(pruning)
+        [fresh] = await insert_messages(env, [message(topic, "fresh")])
+
+        async def published() -> int:
+            rows = {row.id: row for row in await outbox_rows(env.sessions)}
+            assert rows[fresh].published_at is not None
+            return sum(1 for i in old if i in rows)
+
+        left = await eventually(published)
+        assert left > 0, "the message waited until the whole history was pruned"
+
+        async def all_pruned() -> None:
+            assert running.relay.stats.pruned == len(old)
+
+        await eventually(all_pruned, within=60)
+
+
 # -- 7. per-order order on the topic ---------------------------------------------------------
 
 

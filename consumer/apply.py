@@ -17,9 +17,10 @@ The order of work inside the transaction is deliberate:
    applied, parked, skipped as a duplicate, or rejected *before* anything is written, so
    a rejected event changes nothing; after each applied event, its order's parked events
    that now apply are applied too;
-4. write: customers (one upsert), orders through the ORM, then the inbox rows and the
-   outbox rows (updates and dead letters, in offset order) together in one statement, and
-   the parked events that left or arrived.
+4. write: customers (one upsert), then in one statement the new orders and their lines,
+   the changed orders (by key: their rows are locked), the inbox rows and the outbox rows
+   (updates and dead letters, in offset order), and the parked events that left or
+   arrived.
 
 Because the order rows are locked before their outbox rows are inserted, outbox id order
 is commit order for every order: what the relay needs to publish each order in sequence.
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, cast
 
-from sqlalchemy import Table, Text, any_, bindparam, func, insert, select, text, update
+from sqlalchemy import Table, Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -68,7 +69,22 @@ from outbox import OutboxMessage, add_messages
 from outbox.bulk import TableRows
 
 CONTENT_TYPE: Final = "application/json"
+_INBOX: Final = cast(Table, ProcessedEvent.__table__)
 _INBOX_COLUMNS: Final = ("event_id", "order_id", "event_type", "topic", "partition", "offset")
+_ORDERS: Final = cast(Table, Order.__table__)
+_ORDER_COLUMNS: Final = (
+    "id",
+    "customer_id",
+    "status",
+    "currency",
+    "total",
+    "version",
+    "created_at",
+    "updated_at",
+)
+_ORDER_CHANGE_COLUMNS: Final = ("id", "status", "version", "updated_at")
+_LINES: Final = cast(Table, OrderLine.__table__)
+_LINE_COLUMNS: Final = ("order_id", "position", "sku", "quantity", "unit_price")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,25 +269,28 @@ async def _apply(
             batch.apply(message, item, state)
             batch.release(item.order_id)
 
-        inbox = None
+        written: list[TableRows] = []
         if batch.applied:
-            await _write_orders(session, orders, batch.states, batch.applied)
-            inbox = TableRows(
-                cast(Table, ProcessedEvent.__table__),
-                _INBOX_COLUMNS,
-                [
-                    (
-                        event.event_id,
-                        event.order_id,
-                        event.event_type.value,
-                        message.topic,
-                        message.partition,
-                        message.offset,
-                    )
-                    for message, event in batch.applied
-                ],
+            written = await _order_rows(session, orders, batch.states, batch.applied)
+            written.append(
+                TableRows(
+                    _INBOX,
+                    _INBOX_COLUMNS,
+                    [
+                        (
+                            event.event_id,
+                            event.order_id,
+                            event.event_type.value,
+                            message.topic,
+                            message.partition,
+                            message.offset,
+                        )
+                        for message, event in batch.applied
+                    ],
+                )
             )
-        await add_messages(session, batch.emitted, along=inbox)
+        # Orders, lines, inbox and outbox rows: one statement.
+        await add_messages(session, batch.emitted, along=written)
         await forget_parked(session, batch.left)
         await write_parked(session, group_id, batch.newly_parked())
         outcome.applied = len(batch.applied)
@@ -461,13 +480,6 @@ _UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
 ).returning(_CUSTOMERS.c.id, _CUSTOMERS.c.email)
 
 
-# ORM bulk statements (given a list of dicts: one executemany each, no unit-of-work
-# bookkeeping per object), built once.
-_INSERT_ORDERS: Final = insert(Order)
-_INSERT_LINES: Final = insert(OrderLine)
-_UPDATE_ORDERS: Final = update(Order)
-
-
 # The order-id locks: one transaction-level advisory lock per order (a hash of its id, in
 # a namespace of their own), taken in key order so that two transactions can't deadlock.
 _ORDER_LOCK_NAMESPACE: Final = 0x6F6F7264  # "oord"
@@ -494,12 +506,14 @@ async def _lock_orders(
     return {order.id: order for order in result.unique().scalars()}
 
 
-async def _write_orders(
+async def _order_rows(
     session: AsyncSession,
     orders: dict[uuid.UUID, Order],
     states: dict[uuid.UUID, OrderState | None],
     applied: list[tuple[InboundMessage, InboundEvent]],
-) -> None:
+) -> list[TableRows]:
+    """Upsert the customers of the batch's new orders; return the rows to write for its
+    orders: new orders, their lines, and the changed orders (updated by key)."""
     placed: dict[str, str] = {}
     for _, event in applied:
         if isinstance(event.payload, OrderPlaced):
@@ -519,47 +533,34 @@ async def _write_orders(
         )
         customer_ids = {email: customer_id for customer_id, email in rows}
 
-    new_orders: list[dict[str, object]] = []
-    new_lines: list[dict[str, object]] = []
-    changed: list[dict[str, object]] = []
-    for order_id in {event.order_id for _, event in applied}:
+    new_orders: list[tuple[object, ...]] = []
+    new_lines: list[tuple[object, ...]] = []
+    changed: list[tuple[object, ...]] = []
+    for order_id in {event.order_id: None for _, event in applied}:
         state = states[order_id]
         assert state is not None  # an applied event always leaves a state
         if order_id in orders:
-            changed.append(
-                {
-                    "id": order_id,
-                    "status": state.status.value,
-                    "version": state.version,
-                    "updated_at": state.updated_at,
-                }
-            )
+            changed.append((order_id, state.status.value, state.version, state.updated_at))
             continue
         new_orders.append(
-            {
-                "id": order_id,
-                "customer_id": customer_ids[state.customer_email],
-                "status": state.status.value,
-                "currency": state.currency,
-                "total": state.total,
-                "version": state.version,
-                "created_at": state.created_at,
-                "updated_at": state.updated_at,
-            }
+            (
+                order_id,
+                customer_ids[state.customer_email],
+                state.status.value,
+                state.currency,
+                state.total,
+                state.version,
+                state.created_at,
+                state.updated_at,
+            )
         )
         new_lines.extend(
-            {
-                "order_id": order_id,
-                "position": position,
-                "sku": line.sku,
-                "quantity": line.quantity,
-                "unit_price": line.unit_price,
-            }
+            (order_id, position, line.sku, line.quantity, line.unit_price)
             for position, line in enumerate(state.lines, start=1)
         )
-    if new_orders:
-        await session.execute(_INSERT_ORDERS, new_orders)
-        await session.execute(_INSERT_LINES, new_lines)
-    if changed:
-        # The rows are locked (FOR UPDATE) by this transaction: "bulk UPDATE by primary key".
-        await execute_bulk(session, _UPDATE_ORDERS, changed)
+    # The changed rows are locked (FOR UPDATE) by this transaction.
+    return [
+        TableRows(_ORDERS, _ORDER_COLUMNS, new_orders),
+        TableRows(_LINES, _LINE_COLUMNS, new_lines),
+        TableRows(_ORDERS, _ORDER_CHANGE_COLUMNS, changed, update_key=("id",)),
+    ]

@@ -37,10 +37,11 @@ class OutboxMessage:
 
 
 async def add_messages(
-    session: AsyncSession, messages: Sequence[OutboxMessage], *, along: TableRows | None = None
+    session: AsyncSession, messages: Sequence[OutboxMessage], *, along: Sequence[TableRows] = ()
 ) -> None:
     """Insert ``messages`` in the session's transaction, in the given order, in one statement
-    (with the caller's ``along`` rows for another table, if given: one round trip for both).
+    (with the caller's ``along`` rows for other tables, written first: one round trip for
+    all).
 
     Order matters: the relay publishes one key's messages in insertion (id) order. Callers
     must hold a lock that serialises writers of one key (the consumer locks the order row)
@@ -63,7 +64,7 @@ async def add_messages(
         # The relay's scan floor relies on it (see ``outbox.relay.Relay._advance_floor``).
         xid_first=True,
     )
-    await insert_rows(session, *(() if along is None else (along,)), outbox)
+    await insert_rows(session, *along, outbox)
 
 
 async def add_message(session: AsyncSession, message: OutboxMessage) -> None:

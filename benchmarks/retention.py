@@ -19,11 +19,13 @@ database, each stage to a fresh topic, one ``outbox.relay.Relay`` (as in
 The history rows are ``OrderUpdated``-sized (one generated chunk, repeated), loaded with
 binary ``COPY`` and vacuumed and analysed, as are the R rows before each stage.
 
-It prints each stage's rate, PostgreSQL's CPU per drained row, and the ratios against the
+It prints each stage's rate, PostgreSQL's CPU per drained row (the database cost of
+fetching and marking; in the pruning stage, the deletes too), and the ratios against the
 empty stage. A stage that publishes nothing for 30 s ends there (the relay busy with
 something else: pruning, say), and is reported as stalled. The last line is
 machine-readable: ``RESULT empty_eps=... retained_eps=... retained_ratio=...
-pruning_eps=... pruning_ratio=...`` (0 for a stalled stage).
+pruning_eps=... pruning_ratio=... retained_db_cost_ratio=... pruning_db_cost_ratio=...``
+(the rates' ratios, then the ratios of PostgreSQL's CPU per row; 0 for a stalled stage).
 """
 
 # ruff: noqa: E402
@@ -192,10 +194,17 @@ def report(stages: list[Stage]) -> str:
     def ratio(stage: Stage) -> float:
         return stage.eps / empty.eps if empty.eps else 0.0
 
+    def cost_ratio(stage: Stage) -> float:
+        if stage.stalled or not empty.postgres_us_per_row:
+            return 0.0
+        return stage.postgres_us_per_row / empty.postgres_us_per_row
+
     lines.append(
         f"\nRESULT empty_eps={empty.eps:.0f} retained_eps={retained.eps:.0f} "
         f"retained_ratio={ratio(retained):.2f} pruning_eps={pruning.eps:.0f} "
-        f"pruning_ratio={ratio(pruning):.2f}"
+        f"pruning_ratio={ratio(pruning):.2f} "
+        f"retained_db_cost_ratio={cost_ratio(retained):.2f} "
+        f"pruning_db_cost_ratio={cost_ratio(pruning):.2f}"
     )
     return "\n".join(lines)
 

@@ -69,4 +69,5 @@ def test_the_latency_benchmark_times_every_stage(services: Services) -> None:
 def test_the_retention_benchmark_runs(services: Services) -> None:
     lines = run_benchmark(services, "retention.py", "--retained", "5000", "--rows", "2000")
     assert "retained_ratio=" in lines[-1]
+    assert "retained_db_cost_ratio=" in lines[-1]
     assert "stalled" not in "\n".join(lines)

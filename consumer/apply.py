@@ -2,14 +2,17 @@
 
 The order of work inside the transaction is deliberate:
 
-1. lock the ids of the orders the batch touches (transaction-level advisory locks, in key
-   order), whether the orders exist yet or not, then the orders themselves
-   (``SELECT ... FOR UPDATE``, lines and customer eager-loaded), in id order, so that
+1. in one statement, lock the ids of the orders the batch touches (transaction-level
+   advisory locks, in key order), whether the orders exist yet or not, then the orders
+   themselves (``FOR UPDATE``, lines and customer eager-loaded), in id order, so that
    concurrent partitions can't deadlock;
 2. in one statement, advance the stored offset (compare-and-set: a zombie and the
    partition's new owner serialise on its row, and the loser rolls back), find which of
-   the batch's event ids the inbox (or the parked events) already holds, and whether the
-   batch's orders have parked events. Its snapshot is taken *after* the locks, so another
+   the batch's event ids the inbox (or the parked events) already holds, whether the
+   batch's orders have parked events, and which of them exist: the first statement's
+   snapshot predates its wait for an order lock, so an order placed by the transaction
+   it waited for is missing there; then the transaction starts over, and its next
+   first statement finds it. This one's snapshot is taken *after* the locks, so another
    group's transaction on the same orders (a replay) is seen committed. Every transaction
    takes order locks before the offset row, so none deadlock; then the parked events of
    the batch's orders, locked (see :mod:`consumer.parking`);
@@ -178,18 +181,25 @@ async def apply_batch(
     trace = tracing.batch(messages, group_id=group_id, topic=first.topic, partition=first.partition)
     try:
         with trace.transaction():
-            await _apply(
-                session_factory,
-                group_id=group_id,
-                destinations=destinations,
-                messages=messages,
-                decoded=decoded,
-                expected_offset=expected_offset,
-                now=now,
-                park=park,
-                trace=trace,
-                outcome=outcome,
-            )
+            while True:
+                try:
+                    await _apply(
+                        session_factory,
+                        group_id=group_id,
+                        destinations=destinations,
+                        messages=messages,
+                        decoded=decoded,
+                        expected_offset=expected_offset,
+                        now=now,
+                        park=park,
+                        trace=trace,
+                        outcome=outcome,
+                    )
+                    break
+                except _PlacedMeanwhile:
+                    # Rolled back: the next attempt locks the new orders with the others,
+                    # in order. Each order is placed once, so this ends.
+                    continue
     except BaseException as error:
         trace.end(error)
         raise
@@ -220,12 +230,12 @@ async def _apply(
         # the order exists yet or not (a row lock can't cover an order with no row): one
         # that parks an early OrderPaid and one that places its order elsewhere (a replay,
         # an event without a key on another partition) take turns, so the second one
-        # sees what the first left: the parked payment to release, or the order.
-        await _lock_order_ids(session, order_ids)
-        # Lock first, then read the inbox: a transaction of another group (a replay) that
-        # applied one of these events under the same order lock is then seen as committed,
-        # so its event counts as a duplicate instead of failing the state machine here.
+        # sees what the first left: the parked payment to release, or the order. One
+        # statement takes those locks, then the orders' row locks.
         orders = await _lock_orders(session, order_ids)
+        # Then read the inbox: a transaction of another group (a replay) that applied one
+        # of these events under the same order lock is then seen as committed, so its
+        # event counts as a duplicate instead of failing the state machine here.
         advanced = await advance_offset(
             session,
             group_id=group_id,
@@ -236,6 +246,11 @@ async def _apply(
             event_ids=[event.event_id for event in events],
             order_ids=order_ids,
         )
+        if advanced.existing - orders.keys():
+            # Placed by a transaction whose order lock the first statement waited for:
+            # their rows were not in its snapshot. Locking them now would take row locks
+            # out of id order (a backfill's FOR SHARE could then close a cycle): start over.
+            raise _PlacedMeanwhile
         batch = _Batch(
             outcome=outcome,
             destinations=destinations,
@@ -294,6 +309,10 @@ async def _apply(
         await forget_parked(session, batch.left)
         await write_parked(session, group_id, batch.newly_parked())
         outcome.applied = len(batch.applied)
+
+
+class _PlacedMeanwhile(Exception):
+    """Orders of the batch were placed while its first statement waited for their locks."""
 
 
 @dataclass(slots=True)
@@ -443,12 +462,26 @@ def update_message(
     )
 
 
+# The order-id locks: one transaction-level advisory lock per order (a hash of its id, in
+# a namespace of their own), taken in key order so that two transactions can't deadlock.
+ORDER_LOCK_NAMESPACE: Final = 0x6F6F7264  # "oord"
+_ORDER_ID_LOCKS: Final = text(
+    "(SELECT count(pg_advisory_xact_lock(:namespace, key)) FROM ("
+    "SELECT DISTINCT hashtext(CAST(id AS text)) AS key "
+    "FROM unnest(CAST(:order_ids AS uuid[])) AS id ORDER BY key) AS keys) >= 0"
+)
+# Then the orders that exist, locked in id order. Both in one statement: the subquery is
+# uncorrelated, so it is evaluated once, before the scan returns its first row (a
+# one-time filter), and every order lock is held before the first row lock is taken.
 # Built once: a statement object caches its compiled form. One array parameter
 # (``= ANY(...)``) gives one statement text, and so one prepared statement, whatever the
 # number of ids (``IN`` would render one per count).
 _LOCK_ORDERS: Final = (
     select(Order)
-    .where(Order.id == any_(bindparam("order_ids", type_=ARRAY(PG_UUID(as_uuid=True)))))
+    .where(
+        Order.id == any_(bindparam("order_ids", type_=ARRAY(PG_UUID(as_uuid=True)))),
+        _ORDER_ID_LOCKS,
+    )
     .order_by(Order.id)
     .options(joinedload(Order.lines), joinedload(Order.customer, innerjoin=True))
     .with_for_update(of=Order)
@@ -480,29 +513,15 @@ _UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
 ).returning(_CUSTOMERS.c.id, _CUSTOMERS.c.email)
 
 
-# The order-id locks: one transaction-level advisory lock per order (a hash of its id, in
-# a namespace of their own), taken in key order so that two transactions can't deadlock.
-_ORDER_LOCK_NAMESPACE: Final = 0x6F6F7264  # "oord"
-_LOCK_ORDER_IDS: Final = text(
-    "SELECT count(pg_advisory_xact_lock(:namespace, key)) FROM ("
-    "SELECT DISTINCT hashtext(CAST(id AS text)) AS key "
-    "FROM unnest(CAST(:order_ids AS uuid[])) AS id ORDER BY key) AS keys"
-)
-
-
-async def _lock_order_ids(session: AsyncSession, order_ids: Sequence[uuid.UUID]) -> None:
-    if order_ids:
-        await session.execute(
-            _LOCK_ORDER_IDS, {"namespace": _ORDER_LOCK_NAMESPACE, "order_ids": list(order_ids)}
-        )
-
-
 async def _lock_orders(
     session: AsyncSession, order_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Order]:
+    """Take the order locks of ``order_ids``, then lock and load those orders that exist."""
     if not order_ids:
         return {}
-    result = await session.execute(_LOCK_ORDERS, {"order_ids": list(order_ids)})
+    result = await session.execute(
+        _LOCK_ORDERS, {"order_ids": list(order_ids), "namespace": ORDER_LOCK_NAMESPACE}
+    )
     return {order.id: order for order in result.unique().scalars()}
 
 

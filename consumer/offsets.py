@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from sqlalchemy import any_, bindparam, exists, func, select, update
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from consumer.bulk import bulk_connection
 from consumer.errors import OffsetConflict
-from consumer.models import ConsumerOffset, ParkedEvent, ProcessedEvent
+from consumer.models import ConsumerOffset, Order, ParkedEvent, ProcessedEvent
 
 
 async def load_offset(
@@ -51,6 +51,7 @@ _IN_INBOX = (
     .union_all(select(ParkedEvent.event_id).where(ParkedEvent.event_id == any_(_EVENT_IDS)))
 ).scalar_subquery()
 _WAITING = exists(select(ParkedEvent.id).where(ParkedEvent.order_id == any_(_ORDER_IDS)))
+_EXISTING = select(Order.id).where(Order.id == any_(_ORDER_IDS)).scalar_subquery()
 # (Parameter names that are not column names: in an UPDATE, those would mean SET.)
 _KEY = (
     ConsumerOffset.group_id == bindparam("key_group"),
@@ -77,10 +78,16 @@ _NEXT_ADVANCE = (
     .cte("advanced")
 )
 _ADVANCE_FIRST: Final = select(
-    exists(select(_FIRST_ADVANCE.c.next_offset)), func.array(_IN_INBOX), _WAITING
+    exists(select(_FIRST_ADVANCE.c.next_offset)),
+    func.array(_IN_INBOX),
+    _WAITING,
+    func.array(_EXISTING),
 )
 _ADVANCE_NEXT: Final = select(
-    exists(select(_NEXT_ADVANCE.c.next_offset)), func.array(_IN_INBOX), _WAITING
+    exists(select(_NEXT_ADVANCE.c.next_offset)),
+    func.array(_IN_INBOX),
+    _WAITING,
+    func.array(_EXISTING),
 )
 
 
@@ -92,6 +99,8 @@ class Advanced:
     seen: set[uuid.UUID]
     #: Whether any of the batch's orders has parked events.
     waiting: bool
+    #: The batch's orders that exist.
+    existing: set[uuid.UUID] = field(default_factory=set)
 
 
 async def advance_offset(
@@ -107,7 +116,7 @@ async def advance_offset(
 ) -> Advanced:
     """Move the stored offset from ``expected`` to ``to``, or raise ``OffsetConflict``;
     in the same statement, find which of ``event_ids`` the inbox (or the parked events)
-    already holds, and whether any of ``order_ids`` has parked events.
+    already holds, whether any of ``order_ids`` has parked events, and which exist.
 
     The statement waits for the partition's row lock when another transaction holds it
     (a zombie and the new owner of one partition serialise here), then re-checks the
@@ -127,9 +136,13 @@ async def advance_offset(
         statement = _ADVANCE_NEXT
         parameters["expected"] = expected
     connection = await bulk_connection(session)
-    advanced, processed, waiting = (await connection.execute(statement, parameters)).one()
+    advanced, processed, waiting, existing = (await connection.execute(statement, parameters)).one()
     if not advanced:
         stored = await load_offset(session, group_id, topic, partition)
         raise OffsetConflict(topic, partition, expected, stored)
     # The driver's UUID subclass -> plain UUIDs, as the decoded events carry.
-    return Advanced({uuid.UUID(int=event_id.int) for event_id in processed}, bool(waiting))
+    return Advanced(
+        {uuid.UUID(int=event_id.int) for event_id in processed},
+        bool(waiting),
+        {uuid.UUID(int=order_id.int) for order_id in existing},
+    )

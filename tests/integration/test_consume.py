@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Set
+from collections.abc import AsyncIterator, Set
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import selectinload
 
-from consumer.apply import BatchOutcome, Destinations, InboundMessage, apply_batch
+from consumer.apply import (
+    ORDER_LOCK_NAMESPACE,
+    BatchOutcome,
+    Destinations,
+    InboundMessage,
+    apply_batch,
+)
 from consumer.errors import OffsetConflict
 from consumer.intake import OrderConsumer
 from consumer.models import ConsumerOffset, Customer, Order, ProcessedEvent
@@ -303,6 +310,177 @@ async def test_a_fenced_consumer_cannot_commit_over_the_new_owner(env: TestEnv) 
     assert stored == 1
     assert await applied_count(env.sessions) == 1
     assert len(await outbox_rows(env.sessions)) == 1
+
+
+async def _place_holding_its_lock(env: TestEnv, order_id: uuid.UUID) -> AsyncIterator[None]:
+    """Place ``order_id`` in a transaction that holds its order lock as a consumer's would,
+    and commits only once the test resumes the generator."""
+    async with env.sessions() as session, session.begin():
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:namespace, hashtext(CAST(:id AS text)))"),
+            {"namespace": ORDER_LOCK_NAMESPACE, "id": str(order_id)},
+        )
+        customer = Customer(email="grace@example.com", name="Grace")
+        session.add(customer)
+        await session.flush()
+        at = datetime.now(UTC)
+        session.add(
+            Order(
+                id=order_id,
+                customer_id=customer.id,
+                status="pending",
+                currency="EUR",
+                total=Decimal("25.00"),
+                version=1,
+                created_at=at,
+                updated_at=at,
+            )
+        )
+        await session.flush()
+        yield
+
+
+async def _lock_waits(env: TestEnv, locktype: str) -> int:
+    """Lock requests of ``locktype`` not granted, by sessions of the test's database."""
+    async with env.sessions() as session:
+        return int(
+            (
+                await session.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                        "WHERE datname = current_database() AND NOT granted "
+                        "AND locktype = :locktype"
+                    ),
+                    {"locktype": locktype},
+                )
+            ).scalar_one()
+        )
+
+
+async def _waits(env: TestEnv, locktype: str, count: int) -> None:
+    async def check() -> None:
+        assert await _lock_waits(env, locktype) == count
+
+    await eventually(check)
+
+
+async def test_an_order_placed_while_its_batch_waits_for_the_lock_is_seen(env: TestEnv) -> None:
+    """The batch's first statement takes the order locks, then reads the orders; an order
+    placed by the transaction it waited for is not in that statement's snapshot. It must
+    still be found (and its event applied), not taken for an unknown order."""
+    order_id = uuid.uuid4()
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    holder = _place_holding_its_lock(env, order_id)
+    await anext(holder)
+    batch = asyncio.create_task(
+        apply_batch(
+            env.sessions,
+            group_id="g",
+            destinations=destinations,
+            messages=[InboundMessage(env.settings.inbound_topic, 0, 0, *paid(order_id))],
+            expected_offset=None,
+            now=datetime.now(UTC),
+        )
+    )
+    await _waits(env, "advisory", 1)
+    with pytest.raises(StopAsyncIteration):
+        await anext(holder)  # commits the placed order
+    outcome = await batch
+    assert (outcome.applied, outcome.dead_lettered) == (1, 0)
+    assert (await orders_by_id(env.sessions))[order_id].status == "paid"
+
+
+async def test_an_order_changed_while_its_batch_waits_for_the_lock_is_read_as_changed(
+    env: TestEnv,
+) -> None:
+    """The first statement's snapshot predates its wait for the order lock; the row lock
+    it then takes must still give it the order as the transaction it waited for left it
+    (paid, version 2), not as its snapshot had it."""
+    order_id = uuid.uuid4()
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    topic = env.settings.inbound_topic
+
+    async def apply(offset: int, expected: int | None, message: Any) -> BatchOutcome:
+        return await apply_batch(
+            env.sessions,
+            group_id="g",
+            destinations=destinations,
+            messages=[InboundMessage(topic, 0, offset, *message)],
+            expected_offset=expected,
+            now=datetime.now(UTC),
+        )
+
+    await apply(0, None, placed(order_id))
+    async with env.sessions() as holder, holder.begin():
+        await holder.execute(
+            text("SELECT pg_advisory_xact_lock(:namespace, hashtext(CAST(:id AS text)))"),
+            {"namespace": ORDER_LOCK_NAMESPACE, "id": str(order_id)},
+        )
+        await holder.execute(
+            text("UPDATE orders SET status = 'paid', version = 2 WHERE id = :id"),
+            {"id": order_id},
+        )
+        batch = asyncio.create_task(apply(1, 1, shipped(order_id)))
+        await _waits(env, "advisory", 1)
+    outcome = await batch
+    assert (outcome.applied, outcome.dead_lettered) == (1, 0)
+    order = (await orders_by_id(env.sessions))[order_id]
+    assert (order.status, order.version) == ("shipped", 3)
+
+
+async def test_an_order_placed_meanwhile_cannot_deadlock_the_batch_with_a_backfill(
+    env: TestEnv,
+) -> None:
+    """X < Z by id; Z exists, X is placed while the batch waits for X's lock. The batch's
+    first statement then locks only Z's row. Had it locked X's row later (out of id
+    order), a backfill holding X FOR SHARE and waiting for Z would close a cycle. The
+    batch starts over instead: both its events apply and the backfill goes through."""
+    low, high = sorted([uuid.uuid4(), uuid.uuid4()])
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    topic = env.settings.inbound_topic
+
+    async def apply(offset: int, expected: int | None, *messages: Any) -> BatchOutcome:
+        return await apply_batch(
+            env.sessions,
+            group_id="g",
+            destinations=destinations,
+            messages=[
+                InboundMessage(topic, 0, offset + index, *message)
+                for index, message in enumerate(messages)
+            ],
+            expected_offset=expected,
+            now=datetime.now(UTC),
+        )
+
+    await apply(0, None, placed(high))
+    holder = _place_holding_its_lock(env, low)
+    await anext(holder)
+    async with env.engine.connect() as offsets, offsets.begin():
+        # The batch will wait here, in its second statement, after its first.
+        await offsets.execute(text("SELECT 1 FROM consumer_offsets WHERE partition = 0 FOR UPDATE"))
+        batch = asyncio.create_task(apply(1, 1, paid(low), paid(high)))
+        await _waits(env, "advisory", 1)
+        with pytest.raises(StopAsyncIteration):
+            await anext(holder)  # places the low order
+        await _waits(env, "transactionid", 1)  # the batch, at the offset row
+
+        async def backfill() -> None:
+            # As a backfill batch locks its orders.
+            async with env.engine.connect() as side, side.begin():
+                await side.execute(
+                    text("SELECT id FROM orders WHERE id = ANY(:ids) ORDER BY id FOR SHARE"),
+                    {"ids": [low, high]},
+                )
+
+        backfilling = asyncio.create_task(backfill())
+        await _waits(env, "transactionid", 2)  # the backfill too, at the high order
+    await backfilling
+    outcome = await batch
+    assert (outcome.applied, outcome.dead_lettered) == (2, 0)
+    statuses = {
+        order_id: order.status for order_id, order in (await orders_by_id(env.sessions)).items()
+    }
+    assert statuses == {low: "paid", high: "paid"}
 
 
 async def test_a_message_the_database_refuses_is_isolated_and_its_neighbours_applied_once(

@@ -312,6 +312,23 @@ async def test_a_fenced_consumer_cannot_commit_over_the_new_owner(env: TestEnv) 
     assert len(await outbox_rows(env.sessions)) == 1
 
 
+async def _apply_at(
+    env: TestEnv, offset: int, expected: int | None, *messages: Any
+) -> BatchOutcome:
+    """``messages`` as partition 0's records from ``offset`` on, applied in one batch."""
+    return await apply_batch(
+        env.sessions,
+        group_id="g",
+        destinations=Destinations(env.settings.outbound_topic, env.settings.dlq_topic),
+        messages=[
+            InboundMessage(env.settings.inbound_topic, 0, offset + index, *message)
+            for index, message in enumerate(messages)
+        ],
+        expected_offset=expected,
+        now=datetime.now(UTC),
+    )
+
+
 async def _place_holding_its_lock(env: TestEnv, order_id: uuid.UUID) -> AsyncIterator[None]:
     """Place ``order_id`` in a transaction that holds its order lock as a consumer's would,
     and commits only once the test resumes the generator."""
@@ -397,20 +414,7 @@ async def test_an_order_changed_while_its_batch_waits_for_the_lock_is_read_as_ch
     it then takes must still give it the order as the transaction it waited for left it
     (paid, version 2), not as its snapshot had it."""
     order_id = uuid.uuid4()
-    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
-    topic = env.settings.inbound_topic
-
-    async def apply(offset: int, expected: int | None, message: Any) -> BatchOutcome:
-        return await apply_batch(
-            env.sessions,
-            group_id="g",
-            destinations=destinations,
-            messages=[InboundMessage(topic, 0, offset, *message)],
-            expected_offset=expected,
-            now=datetime.now(UTC),
-        )
-
-    await apply(0, None, placed(order_id))
+    await _apply_at(env, 0, None, placed(order_id))
     async with env.sessions() as holder, holder.begin():
         await holder.execute(
             text("SELECT pg_advisory_xact_lock(:namespace, hashtext(CAST(:id AS text)))"),
@@ -420,7 +424,7 @@ async def test_an_order_changed_while_its_batch_waits_for_the_lock_is_read_as_ch
             text("UPDATE orders SET status = 'paid', version = 2 WHERE id = :id"),
             {"id": order_id},
         )
-        batch = asyncio.create_task(apply(1, 1, shipped(order_id)))
+        batch = asyncio.create_task(_apply_at(env, 1, 1, shipped(order_id)))
         await _waits(env, "advisory", 1)
     outcome = await batch
     assert (outcome.applied, outcome.dead_lettered) == (1, 0)
@@ -436,29 +440,13 @@ async def test_an_order_placed_meanwhile_cannot_deadlock_the_batch_with_a_backfi
     order), a backfill holding X FOR SHARE and waiting for Z would close a cycle. The
     batch starts over instead: both its events apply and the backfill goes through."""
     low, high = sorted([uuid.uuid4(), uuid.uuid4()])
-    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
-    topic = env.settings.inbound_topic
-
-    async def apply(offset: int, expected: int | None, *messages: Any) -> BatchOutcome:
-        return await apply_batch(
-            env.sessions,
-            group_id="g",
-            destinations=destinations,
-            messages=[
-                InboundMessage(topic, 0, offset + index, *message)
-                for index, message in enumerate(messages)
-            ],
-            expected_offset=expected,
-            now=datetime.now(UTC),
-        )
-
-    await apply(0, None, placed(high))
+    await _apply_at(env, 0, None, placed(high))
     holder = _place_holding_its_lock(env, low)
     await anext(holder)
     async with env.engine.connect() as offsets, offsets.begin():
         # The batch will wait here, in its second statement, after its first.
         await offsets.execute(text("SELECT 1 FROM consumer_offsets WHERE partition = 0 FOR UPDATE"))
-        batch = asyncio.create_task(apply(1, 1, paid(low), paid(high)))
+        batch = asyncio.create_task(_apply_at(env, 1, 1, paid(low), paid(high)))
         await _waits(env, "advisory", 1)
         with pytest.raises(StopAsyncIteration):
             await anext(holder)  # places the low order

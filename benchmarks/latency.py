@@ -726,34 +726,40 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
         "relay has read its ack: the last stage can be negative)\n\n"
     )
     if outcome.cpu_seconds:
-        events = max(1, outcome.sent)
-        total = sum(outcome.cpu_seconds.values())
-        roles = ", ".join(
-            f"{role} {seconds / events * 1e6:,.0f}"
-            for role, seconds in sorted(outcome.cpu_seconds.items(), key=lambda item: -item[1])
-            if seconds > 0
-        )
         out.write(
-            f"CPU per event (µs, user + system, from /proc): {roles}; "
-            f"all {total / events * 1e6:,.0f} = {total / max(outcome.cpu_window, 1e-9):.2f} of "
-            f"{os.cpu_count()} cores\n\n"
+            "CPU per event (µs, user + system, from /proc): "
+            f"{cpu_summary(outcome.cpu_seconds, outcome.sent, outcome.cpu_window)}\n\n"
         )
     result = f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}"
     baseline = outcome.baseline
     if baseline is not None:
         values = baseline.latencies_ms
         base_p50, base_p99 = percentile(values, 0.5), percentile(values, 0.99)
-        base_cpu = sum(baseline.cpu_seconds.values())
+        base_cpu = cpu_summary(baseline.cpu_seconds, baseline.sent, baseline.cpu_window)
         out.write(
             "baseline, the same stream through a bare forwarder process (consume, produce, no "
             f"database), measured first in this run:\n  count {len(values)}  {summary(values)}"
-            f"\n  CPU per event {base_cpu / max(1, baseline.sent) * 1e6:,.0f} µs, "
-            f"{base_cpu / max(baseline.cpu_window, 1e-9):.2f} of {os.cpu_count()} cores\n"
+            f"\n  CPU per event (µs): {base_cpu}\n"
             f"orderflow against it: p50 {p50 / base_p50:.1f}x, p99 {p99 / base_p99:.1f}x\n\n"
         )
         result += f" baseline_p50_ms={base_p50:.1f} baseline_p99_ms={base_p99:.1f}"
     out.write(result)
     return out.getvalue()
+
+
+def cpu_summary(cpu_seconds: dict[str, float], sent: int, window: float) -> str:
+    """Each role's CPU per event (µs), then all of it, also as cores busy."""
+    events = max(1, sent)
+    total = sum(cpu_seconds.values())
+    roles = ", ".join(
+        f"{role} {seconds / events * 1e6:,.0f}"
+        for role, seconds in sorted(cpu_seconds.items(), key=lambda item: -item[1])
+        if seconds > 0
+    )
+    return (
+        f"{roles}; all {total / events * 1e6:,.0f} = {total / max(window, 1e-9):.2f} of "
+        f"{os.cpu_count()} cores"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

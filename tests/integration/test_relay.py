@@ -394,7 +394,11 @@ async def test_record_batches_go_out_whole_without_waiting_for_the_linger(env: T
         ids = await insert_messages(env, [message(topic, f"whole{i}") for i in range(3)])
         async with direct_relay(env, RelayConfig(), producer=lambda _: lingering) as running:
             await wait_all_published(env)
-            assert running.relay.stats.published == len(ids)
+
+            async def counted() -> None:  # a moment after the mark is visible
+                assert running.relay.stats.published == len(ids)
+
+            await eventually(counted)
         records = await read_topic(env.settings, topic, len(ids))
     finally:
         await lingering.stop()
@@ -677,9 +681,13 @@ async def assert_shards_split_fairly(
         env, [message(env.settings.outbound_topic, f"a{i}") for i in range(40)]
     )
     await wait_all_published(env)
-    assert first.relay.stats.published + second.relay.stats.published == len(ids)
-    assert first.relay.stats.published > 0
-    assert second.relay.stats.published > 0
+
+    async def counted() -> None:  # each relay counts a moment after its mark is visible
+        assert first.relay.stats.published + second.relay.stats.published == len(ids)
+        assert first.relay.stats.published > 0
+        assert second.relay.stats.published > 0
+
+    await eventually(counted)
     return ids
 
 
@@ -698,7 +706,11 @@ async def test_two_relays_share_the_shards_and_one_takes_over_when_the_other_sto
         published_before = second.relay.stats.published
         after = await insert_messages(env, [message(topic, f"b{i}") for i in range(10)])
         await wait_all_published(env, within=10)
-        assert second.relay.stats.published - published_before == len(after)
+
+        async def counted() -> None:  # a moment after the mark is visible
+            assert second.relay.stats.published - published_before == len(after)
+
+        await eventually(counted)
         records = await read_topic(env.settings, topic, len(before) + len(after))
     assert sorted(r.key for r in records) == sorted(
         [f"a{i}".encode() for i in range(40)] + [f"b{i}".encode() for i in range(10)]
@@ -768,8 +780,12 @@ async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
                 assert [row.id for row in await outbox_rows(env.sessions)] == recent + held
 
             await eventually(pruned, within=15)
+
+            async def counted() -> None:  # a moment after the delete is visible
+                assert running.relay.stats.pruned == len(old)
+
+            await eventually(counted)
             assert running.relay.owned_shards == ALL_SHARDS - {shard_of(held_key)}
-            assert running.relay.stats.pruned == len(old)
             rows = {row.id: row for row in await outbox_rows(env.sessions)}
             assert all(rows[i].published_at is None for i in held)
             assert all(rows[i].published_at is not None for i in recent)

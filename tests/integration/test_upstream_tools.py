@@ -71,8 +71,9 @@ async def orderflow(
 async def records_in(settings: Settings, topic: str) -> int:
     """How many records ``topic`` holds: everything readable from its beginning.
 
-    The commands under test wait for the broker's acks before they exit, so what they sent
-    is readable at once; reading stops after two empty polls.
+    For checking that a command sent nothing: reading stops after two empty polls (what
+    a command sent is readable once it exits: it waits for the broker's acks). Counts
+    above zero are read with ``read_topic``, which waits for them.
     """
     consumer = AIOKafkaConsumer(
         topic,
@@ -175,7 +176,7 @@ async def test_import_reports_invalid_lines_by_number_and_sends_nothing(
     skipped = await orderflow(env.settings, "import", "--skip-invalid", str(file))
     assert skipped.code == 1
     assert summary_counts(skipped.stdout) == {"published": 3, "rejected": 3}
-    assert await records_in(env.settings, env.settings.inbound_topic) == 3
+    assert len(await read_topic(env.settings, env.settings.inbound_topic, 3)) == 3
 
 
 async def test_validate_only_needs_no_broker_and_sends_nothing(
@@ -325,7 +326,7 @@ async def test_loadgen_keeps_to_its_rate(env: TestEnv) -> None:
     assert ran.code == 0, ran.stderr
     published = summary_counts(ran.stdout)["published"]
     assert 1 <= published <= 20 * 1.5 + 20 + 1
-    assert await records_in(env.settings, env.settings.inbound_topic) == published
+    assert len(await read_topic(env.settings, env.settings.inbound_topic, published)) == published
 
 
 async def test_an_interrupted_import_says_how_many_events_were_published(
@@ -360,4 +361,4 @@ async def test_an_interrupted_import_says_how_many_events_were_published(
     published = summary_counts(stdout.decode())["published"]
     assert 1 <= published < 200
     assert f"interrupted: {published} of 200 events were published" in stderr.decode()
-    assert await records_in(env.settings, env.settings.inbound_topic) == published
+    assert len(await read_topic(env.settings, env.settings.inbound_topic, published)) == published

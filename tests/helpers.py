@@ -26,7 +26,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.memory_records import MemoryRecords
 from fastapi import FastAPI
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -70,6 +70,26 @@ async def eventually(
             if time.monotonic() > deadline:
                 raise
         await asyncio.sleep(interval)
+
+
+async def lock_waits(env: TestEnv, locktype: str, count: int) -> None:
+    """Until exactly ``count`` lock requests of ``locktype`` (``advisory``,
+    ``transactionid`` for a row another transaction holds, ...) wait, in sessions of the
+    test's database: another test's sessions on the same server don't count."""
+
+    async def check() -> None:
+        async with env.sessions() as session:
+            waiting = await session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                    "WHERE datname = current_database() AND NOT granted "
+                    "AND locktype = :locktype"
+                ),
+                {"locktype": locktype},
+            )
+        assert waiting == count, f"{waiting} {locktype} lock requests wait, not {count}"
+
+    await eventually(check)
 
 
 async def produce(

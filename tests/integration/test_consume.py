@@ -39,6 +39,7 @@ from tests.helpers import (
     eventually,
     expected_outcome,
     header_map,
+    lock_waits,
     orders_by_id,
     outbox_rows,
     produce,
@@ -366,30 +367,6 @@ async def _place_holding_its_lock(env: TestEnv, order_id: uuid.UUID) -> AsyncIte
         yield
 
 
-async def _lock_waits(env: TestEnv, locktype: str) -> int:
-    """Lock requests of ``locktype`` not granted, by sessions of the test's database."""
-    async with env.sessions() as session:
-        return int(
-            (
-                await session.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
-                        "WHERE datname = current_database() AND NOT granted "
-                        "AND locktype = :locktype"
-                    ),
-                    {"locktype": locktype},
-                )
-            ).scalar_one()
-        )
-
-
-async def _waits(env: TestEnv, locktype: str, count: int) -> None:
-    async def check() -> None:
-        assert await _lock_waits(env, locktype) == count
-
-    await eventually(check)
-
-
 async def test_an_order_placed_while_its_batch_waits_for_the_lock_is_seen(env: TestEnv) -> None:
     """The batch's first statement takes the order locks, then reads the orders; an order
     placed by the transaction it waited for is not in that statement's snapshot. It must
@@ -408,7 +385,7 @@ async def test_an_order_placed_while_its_batch_waits_for_the_lock_is_seen(env: T
             now=datetime.now(UTC),
         )
     )
-    await _waits(env, "advisory", 1)
+    await lock_waits(env, "advisory", 1)
     with pytest.raises(StopAsyncIteration):
         await anext(holder)  # commits the placed order
     outcome = await batch
@@ -434,7 +411,7 @@ async def test_an_order_changed_while_its_batch_waits_for_the_lock_is_read_as_ch
             {"id": order_id},
         )
         batch = asyncio.create_task(_apply_at(env, 1, 1, shipped(order_id)))
-        await _waits(env, "advisory", 1)
+        await lock_waits(env, "advisory", 1)
     outcome = await batch
     assert (outcome.applied, outcome.dead_lettered) == (1, 0)
     order = (await orders_by_id(env.sessions))[order_id]
@@ -456,10 +433,10 @@ async def test_an_order_placed_meanwhile_cannot_deadlock_the_batch_with_a_backfi
         # The batch will wait here, in its second statement, after its first.
         await offsets.execute(text("SELECT 1 FROM consumer_offsets WHERE partition = 0 FOR UPDATE"))
         batch = asyncio.create_task(_apply_at(env, 1, 1, paid(low), paid(high)))
-        await _waits(env, "advisory", 1)
+        await lock_waits(env, "advisory", 1)
         with pytest.raises(StopAsyncIteration):
             await anext(holder)  # places the low order
-        await _waits(env, "transactionid", 1)  # the batch, at the offset row
+        await lock_waits(env, "transactionid", 1)  # the batch, at the offset row
 
         async def backfill() -> None:
             # As a backfill batch locks its orders.
@@ -470,7 +447,7 @@ async def test_an_order_placed_meanwhile_cannot_deadlock_the_batch_with_a_backfi
                 )
 
         backfilling = asyncio.create_task(backfill())
-        await _waits(env, "transactionid", 2)  # the backfill too, at the high order
+        await lock_waits(env, "transactionid", 2)  # the backfill too, at the high order
     await backfilling
     outcome = await batch
     assert (outcome.applied, outcome.dead_lettered) == (2, 0)

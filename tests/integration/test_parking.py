@@ -28,6 +28,7 @@ from tests.helpers import (
     expected_outcome,
     header_map,
     invoke_cli,
+    lock_waits,
     orders_by_id,
     outbox_rows,
 )
@@ -576,9 +577,10 @@ async def test_an_event_parked_while_its_order_is_placed_on_another_partition_is
     await parking.apply(placed(uuid.uuid4()))  # the partition's offset row exists
     async with contextlib.asynccontextmanager(hold_offset_row)(env, 0):
         early = asyncio.create_task(parking.apply(paid(order_id)))
-        await asyncio.sleep(0.3)  # it read its orders (none) and waits for the offset row
+        # It holds the order's lock, read its orders (none) and waits for the offset row.
+        await lock_waits(env, "transactionid", 1)
         late = asyncio.create_task(placing.apply(placed(order_id)))
-        await asyncio.sleep(0.3)
+        await lock_waits(env, "advisory", 1)  # the placing batch, for the order's lock
     await early
     await late
     assert await versions_emitted(env, order_id) == [(1, "OrderPlaced"), (2, "OrderPaid")]
@@ -604,7 +606,7 @@ async def test_expiry_takes_parked_rows_in_id_order_so_it_cannot_deadlock(env: T
             text("SELECT 1 FROM parked_events WHERE id = :id FOR UPDATE"), {"id": rows[0].id}
         )
         expiry = asyncio.create_task(partition.expire())
-        await asyncio.sleep(0.3)  # the expiry waits for the first row, holding nothing
+        await lock_waits(env, "transactionid", 1)  # the expiry, for the first row only
         await asyncio.wait_for(
             operator.execute(
                 text("SELECT 1 FROM parked_events WHERE id = :id FOR UPDATE"),

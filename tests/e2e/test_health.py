@@ -101,8 +101,14 @@ async def test_consume_and_relay_report_health_and_metrics_through_a_database_cu
         body = await eventually(lambda: ready(consumer, consume_port), within=60)
         assert body["component"] == "consume"
         assert body["checks"] == {"database": "ok", "broker": "ok", "partitions": "3 assigned"}
-        body = await eventually(lambda: ready(relay, relay_port), within=60)
-        assert body["checks"]["shards"] == "owns 64 of 64"
+
+        async def owns_every_shard() -> dict[str, Any]:
+            # Ready once it is a member, before its first claim round has taken the shards.
+            body = await ready(relay, relay_port)
+            assert body["checks"]["shards"] == "owns 64 of 64"
+            return body
+
+        await eventually(owns_every_shard, within=60)
         for port in (consume_port, relay_port):
             alive = await get(port, "/healthz")
             assert (alive.status_code, alive.json()["status"]) == (200, "alive")

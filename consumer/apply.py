@@ -4,8 +4,9 @@ The order of work inside the transaction is deliberate:
 
 1. in one statement, lock the ids of the orders the batch touches (transaction-level
    advisory locks, in key order), whether the orders exist yet or not, then the orders
-   themselves (``FOR UPDATE``, lines and customer eager-loaded), in id order, so that
-   concurrent partitions can't deadlock;
+   themselves (``FOR UPDATE``, read with their lines and customer as plain rows: the
+   batch needs their state, not ORM objects), in id order, so that concurrent partitions
+   can't deadlock;
 2. in one statement, advance the stored offset (compare-and-set: a zombie and the
    partition's new owner serialise on its row, and the loser rolls back), find which of
    the batch's event ids the inbox (or the parked events) already holds, whether the
@@ -36,16 +37,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 
-from sqlalchemy import Table, Text, any_, bindparam, func, select, text
+from sqlalchemy import Row, Table, Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import joinedload
 
-from consumer.bulk import execute_bulk
+from consumer.bulk import bulk_connection, execute_bulk
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
 from consumer.messages import InboundMessage, TraceHeaders, dead_letter
@@ -256,7 +256,7 @@ async def _apply(
             destinations=destinations,
             now=now,
             trace=trace,
-            states={order_id: order_state(order) for order_id, order in orders.items()},
+            states={order_id: state for order_id, state in orders.items()},
             waiting=await load_waiting(session, order_ids) if advanced.waiting else {},
             seen=set(advanced.seen),
         )
@@ -476,14 +476,30 @@ _ORDER_ID_LOCKS: Final = text(
 # Built once: a statement object caches its compiled form. One array parameter
 # (``= ANY(...)``) gives one statement text, and so one prepared statement, whatever the
 # number of ids (``IN`` would render one per count).
+# One row per line (an order without lines: one row, the line's columns NULL), in id
+# then line order; only the orders' rows are locked.
 _LOCK_ORDERS: Final = (
-    select(Order)
+    select(
+        Order.id,
+        Order.status,
+        Order.currency,
+        Order.total,
+        Order.version,
+        Order.created_at,
+        Order.updated_at,
+        Customer.email,
+        Customer.name,
+        OrderLine.sku,
+        OrderLine.quantity,
+        OrderLine.unit_price,
+    )
+    .join(Customer, Order.customer_id == Customer.id)
+    .outerjoin(OrderLine, OrderLine.order_id == Order.id)
     .where(
         Order.id == any_(bindparam("order_ids", type_=ARRAY(PG_UUID(as_uuid=True)))),
         _ORDER_ID_LOCKS,
     )
-    .order_by(Order.id)
-    .options(joinedload(Order.lines), joinedload(Order.customer, innerjoin=True))
+    .order_by(Order.id, OrderLine.position)
     .with_for_update(of=Order)
 )
 
@@ -515,19 +531,44 @@ _UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
 
 async def _lock_orders(
     session: AsyncSession, order_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, Order]:
-    """Take the order locks of ``order_ids``, then lock and load those orders that exist."""
+) -> dict[uuid.UUID, OrderState]:
+    """Take the order locks of ``order_ids``, then lock those orders that exist and read
+    their state."""
     if not order_ids:
         return {}
-    result = await session.execute(
+    connection = await bulk_connection(session)
+    result = await connection.execute(
         _LOCK_ORDERS, {"order_ids": list(order_ids), "namespace": ORDER_LOCK_NAMESPACE}
     )
-    return {order.id: order for order in result.unique().scalars()}
+    rows: dict[uuid.UUID, list[Row[*tuple[Any, ...]]]] = {}
+    for row in result:
+        rows.setdefault(row[0], []).append(row)
+    states: dict[uuid.UUID, OrderState] = {}
+    for found, lines in rows.items():
+        first = lines[0]
+        order_id = uuid.UUID(int=found.int)  # the driver's UUID subclass -> a plain UUID
+        states[order_id] = OrderState(
+            id=order_id,
+            status=OrderStatus(first.status),
+            currency=first.currency,
+            total=first.total,
+            version=first.version,
+            customer_email=first.email,
+            customer_name=first.name,
+            lines=tuple(
+                LineState(sku=line.sku, quantity=line.quantity, unit_price=line.unit_price)
+                for line in lines
+                if line.sku is not None
+            ),
+            created_at=first.created_at,
+            updated_at=first.updated_at,
+        )
+    return states
 
 
 async def _order_rows(
     session: AsyncSession,
-    orders: dict[uuid.UUID, Order],
+    orders: Mapping[uuid.UUID, OrderState],
     states: dict[uuid.UUID, OrderState | None],
     applied: list[tuple[InboundMessage, InboundEvent]],
 ) -> list[TableRows]:

@@ -130,7 +130,7 @@ class _Abandon(Exception):
     """
 
 
-def _inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
+def _inbound(record: ConsumerRecord[bytes, bytes], fetched_at: float) -> InboundMessage:
     return InboundMessage(
         topic=record.topic,
         partition=record.partition,
@@ -138,6 +138,7 @@ def _inbound(record: ConsumerRecord[bytes, bytes]) -> InboundMessage:
         key=record.key,
         value=record.value,
         trace=trace_headers(record.headers),
+        fetched_at=fetched_at,
     )
 
 
@@ -289,7 +290,8 @@ class OrderConsumer:
         stop: asyncio.Event,
     ) -> None:
         lane = self._lane(partition, stop)
-        lane.add(_inbound(record) for record in records)
+        fetched_at = time.monotonic()
+        lane.add(_inbound(record, fetched_at) for record in records)
         lane.arrived.set()
         self.observer.fetched(len(records))
         full = (
@@ -593,6 +595,9 @@ class OrderConsumer:
         pending = [m for m in messages if expected is None or m.offset >= expected]
         if not pending:
             return None
+        # How long the oldest record has waited since its fetch (for the lane's previous
+        # batch, for a core, for tries that failed).
+        queued = time.monotonic() - pending[0].fetched_at if pending[0].fetched_at else None
         started = time.perf_counter()
         outcome = await apply_batch(
             self._sessions,
@@ -609,10 +614,9 @@ class OrderConsumer:
         self._known[partition] = outcome.next_offset
         self._sought.discard(partition)
         self.stats.add(outcome)
-        self.observer.batch_committed(
-            outcome, size=len(pending), seconds=time.perf_counter() - started
-        )
-        _log_batch(partition, pending, outcome, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.observer.batch_committed(outcome, size=len(pending), seconds=seconds, queued=queued)
+        _log_batch(partition, pending, outcome, seconds, queued)
         return outcome.next_offset
 
     async def _apply_isolated(
@@ -676,6 +680,7 @@ def _log_batch(
     messages: Sequence[InboundMessage],
     outcome: BatchOutcome,
     seconds: float,
+    queued: float | None = None,
 ) -> None:
     """One info line per committed batch; each dead letter in detail only at debug level
     (they are all on the dead-letter topic, with their reason and source offset)."""
@@ -690,6 +695,8 @@ def _log_batch(
         "dead_lettered": outcome.dead_lettered,
         "duration_ms": round(seconds * 1000, 1),
     }
+    if queued is not None:
+        fields["queued_ms"] = round(queued * 1000, 1)
     if outcome.trace_id is not None:
         fields["trace_id"] = outcome.trace_id
     if outcome.dead_letters:

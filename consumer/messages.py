@@ -22,6 +22,9 @@ class InboundMessage:
     value: bytes | None
     #: Its W3C trace context, if it came with one (see :mod:`consumer.tracing`).
     trace: TraceHeaders = ()
+    #: When the consume loop received it (``time.monotonic()``); 0.0 for a message that
+    #: did not come through it (a replay, a parked event).
+    fetched_at: float = 0.0
 
 
 def dead_letter(

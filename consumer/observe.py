@@ -22,8 +22,12 @@ class ConsumerObserver(Protocol):
     def fetched(self, count: int) -> None:
         """``count`` records of one partition arrived from the broker (re-fetches included)."""
 
-    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
-        """One partition's batch of ``size`` records committed in ``seconds`` (one transaction)."""
+    def batch_committed(
+        self, outcome: BatchOutcome, *, size: int, seconds: float, queued: float | None = None
+    ) -> None:
+        """One partition's batch of ``size`` records committed in ``seconds`` (one
+        transaction), after its oldest record waited ``queued`` seconds since its fetch
+        (None: not fetched by the consume loop)."""
 
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:
         """A group (re)join finished with this assignment (possibly empty: a standby)."""
@@ -38,7 +42,9 @@ class NoConsumerObserver:
     def fetched(self, count: int) -> None:
         pass
 
-    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
+    def batch_committed(
+        self, outcome: BatchOutcome, *, size: int, seconds: float, queued: float | None = None
+    ) -> None:
         pass
 
     def partitions_assigned(self, partitions: Set[TopicPartition]) -> None:

@@ -190,6 +190,13 @@ class ConsumerMetrics(ComponentMetrics):
             buckets=TRANSACTION_BUCKETS,
             registry=registry,
         )
+        self._queued = Histogram(
+            "orderflow_consumer_queue_seconds",
+            "How long the oldest record of a committed batch waited in the consumer, from its "
+            "fetch to the start of the batch (for its partition's previous batch, and a core).",
+            buckets=TRANSACTION_BUCKETS,
+            registry=registry,
+        )
         self._consumer: OrderConsumer | None = None
         self._kafka: AIOKafkaConsumer | None = None
         self._assignment: frozenset[TopicPartition] | None = None
@@ -206,7 +213,9 @@ class ConsumerMetrics(ComponentMetrics):
     def fetched(self, count: int) -> None:
         self._consumed.inc(count)
 
-    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
+    def batch_committed(
+        self, outcome: BatchOutcome, *, size: int, seconds: float, queued: float | None = None
+    ) -> None:
         if outcome.applied:
             self._applied.inc(outcome.applied)
         if outcome.duplicates:
@@ -219,6 +228,8 @@ class ConsumerMetrics(ComponentMetrics):
             self._released.labels(event_type).inc(count)
         self._batch_size.observe(size)
         self._transaction.observe(seconds)
+        if queued is not None:
+            self._queued.observe(queued)
 
     def parked_expired(self, outcome: Expired) -> None:
         for event_type, count in outcome.expired.items():

@@ -250,8 +250,10 @@ class StopAfterBatches:
     def fetched(self, count: int) -> None:
         self._observer.fetched(count)
 
-    def batch_committed(self, outcome: BatchOutcome, *, size: int, seconds: float) -> None:
-        self._observer.batch_committed(outcome, size=size, seconds=seconds)
+    def batch_committed(
+        self, outcome: BatchOutcome, *, size: int, seconds: float, queued: float | None = None
+    ) -> None:
+        self._observer.batch_committed(outcome, size=size, seconds=seconds, queued=queued)
         self._left -= 1
         if self._left <= 0:
             self._stop.set()

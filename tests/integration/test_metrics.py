@@ -4,6 +4,7 @@ prometheus_client's own parser. Every value is checked against known traffic."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import uuid
@@ -30,6 +31,7 @@ from tests.helpers import (
     TestEnv,
     applied_count,
     eventually,
+    lock_waits,
     produce,
     read_topic,
     running_consumer,
@@ -158,20 +160,38 @@ async def test_consumer_counts_every_outcome_and_reports_lag(env: TestEnv) -> No
 
         lag = await eventually(caught_up)
         assert {dict(labels)["topic"] for labels in lag} == {settings.inbound_topic}
+        queue = "orderflow_consumer_queue_seconds"
+
+        def waited_long(samples: Samples) -> float:
+            """Batches whose oldest record waited over 0.25 s in the consumer."""
+            return value(samples, f"{queue}_count") - value(samples, f"{queue}_bucket", le="0.25")
+
+        assert value(samples, f"{queue}_count") == batches
+        before = waited_long(await scrape(port))
 
         # Records that cannot be applied yet (their partition's offset row is locked) are
-        # lag: exactly as many as were produced, on the order's partition only.
+        # lag: exactly as many as were produced, on the order's partition only. The first
+        # one's transaction waits for the offset row; the others arrive meanwhile, and wait
+        # in the consumer for that transaction: queued.
         later = [shipped(order_id), delivered(order_id), (key(order_id), b"not json")]
         async with offsets_locked(settings):
-            await produce(settings, later)
+            await produce(settings, later[:1])
+            await lock_waits(env, "transactionid", 1)
+            await produce(settings, later[1:])
 
             async def lagging() -> None:
-                lag = values(await scrape(port), "orderflow_consumer_lag")
+                samples = await scrape(port)
+                fetched = value(samples, "orderflow_events_consumed_total")
+                assert fetched == len(stream) + len(later)
+                lag = values(samples, "orderflow_consumer_lag")
                 assert sorted(lag.values()) == [0, 0, len(later)]
 
             await eventually(lagging)
+            await asyncio.sleep(0.3)  # they wait this long, and more
         await eventually(caught_up)
         samples = await scrape(port)
+        # The first one's batch started at once; the other two's, after the lock.
+        assert waited_long(samples) - before == 1
         assert value(samples, "orderflow_events_applied_total") == 4
         assert value(samples, "orderflow_events_consumed_total") == len(stream) + len(later)
         assert value(samples, "orderflow_events_dead_lettered_total", reason="malformed_json") == 2

@@ -237,7 +237,7 @@ def batch_with_dead_letters() -> tuple[list[InboundMessage], BatchOutcome]:
 def test_one_info_line_per_batch_with_its_counts_and_range() -> None:
     stream = configured()
     messages, outcome = batch_with_dead_letters()
-    _log_batch(TopicPartition("orders.events", 4), messages, outcome, 0.0123)
+    _log_batch(TopicPartition("orders.events", 4), messages, outcome, 0.0123, 0.00456)
     (line,) = json_lines(stream)  # nothing per message at info
     assert line["event"] == "batch applied"
     assert line["level"] == "info"
@@ -245,7 +245,7 @@ def test_one_info_line_per_batch_with_its_counts_and_range() -> None:
     assert (line["topic"], line["partition"]) == ("orders.events", 4)
     assert (line["first_offset"], line["last_offset"]) == (100, 109)
     assert (line["applied"], line["duplicates"], line["dead_lettered"]) == (7, 1, 2)
-    assert line["duration_ms"] == 12.3
+    assert (line["duration_ms"], line["queued_ms"]) == (12.3, 4.6)
     assert line["dead_letter_reasons"] == {"malformed_json": 1, "unknown_order": 1}
     assert line["dead_letter_offsets"] == [103, 107]
 

@@ -25,9 +25,11 @@ the two trips through the broker cost on this machine at this rate.
 Each stream is primed first (one event, end to end: the consumer has joined its group and
 the relay owns its shards), and events sent in the first 2 s of the stream are not counted
 (warm-up). Every counted event must come back. Afterwards the database's own timestamps
-split each latency into stages (same clock: this machine's): send -> the consumer's
-transaction start (``processed_at``), -> the relay's mark (``published_at``, after the
-broker's acks), -> the subscriber.
+and the consumer's and relay's logs split each latency into stages (same clock: this
+machine's): send -> the consumer's transaction start (``processed_at``; for the first
+record of each batch also: send -> the consumer has it from the broker -> its batch starts,
+from the batch's ``queued_ms``), -> its commit, -> the relay hands the batch to the
+producer, -> every ack, -> the subscriber.
 
 On Tansu, mind that a fetch is answered only after part of its ``fetch_max_wait_ms`` even
 when records are waiting (Apache Kafka answers at once); the consumer waits at most 20 ms,
@@ -67,7 +69,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -185,10 +187,16 @@ async def until_received(flow: Flow, event_ids: list[str], seconds: float) -> No
 
 @dataclass
 class Stages:
-    """Per-event stage durations (ms): the database's timestamps and the relay's log."""
+    """Per-event stage durations (ms): the database's timestamps, the consumer's and the
+    relay's logs."""
 
     #: send -> the consumer's transaction starts (``processed_at``).
     to_consumer: list[float] = field(default_factory=list)
+    #: Of that, for the first record of each of the consumer's batches (its log): send ->
+    #: the consumer has it from the broker ...
+    to_fetched: list[float] = field(default_factory=list)
+    #: ... -> its batch starts (``queued_ms``: for the lane's previous batch, for a core).
+    queued: list[float] = field(default_factory=list)
     #: -> the transaction commits (its commit timestamp; empty without
     #: ``track_commit_timestamp``, and the next stage then starts at the transaction start).
     transaction: list[float] = field(default_factory=list)
@@ -227,6 +235,56 @@ class RelayBatches(logging.Handler):
             )
 
 
+@dataclass(frozen=True)
+class ConsumerBatch:
+    """One ``batch applied`` line of the consumer's log (times: seconds since the epoch)."""
+
+    partition: int
+    first_offset: int
+    #: When the batch started, and when its first record had arrived from the broker.
+    started: float
+    fetched: float
+
+
+class ConsumerBatches(logging.Handler):
+    """Collects the in-process consumer's ``batch applied`` records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.batches: list[ConsumerBatch] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = record.__dict__
+        if record.getMessage() == "batch applied" and "queued_ms" in fields:
+            self.batches.append(consumer_batch(fields, record.created))
+
+
+def consumer_batch(fields: dict[str, Any], logged: float) -> ConsumerBatch:
+    started = logged - float(fields["duration_ms"]) / 1000
+    return ConsumerBatch(
+        int(fields["partition"]),
+        int(fields["first_offset"]),
+        started,
+        started - float(fields["queued_ms"]) / 1000,
+    )
+
+
+def consumer_batches_from_log(path: Path) -> list[ConsumerBatch]:
+    """The ``batch applied`` lines of a consumer's JSON log."""
+    batches = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if (
+                isinstance(entry, dict)
+                and entry.get("event") == "batch applied"
+                and "queued_ms" in entry
+            ):
+                logged = datetime.fromisoformat(entry["timestamp"]).timestamp()
+                batches.append(consumer_batch(entry, logged))
+    return batches
+
+
 def relay_batch(first_id: int, last_id: int, acked: float, duration_ms: float) -> RelayBatch:
     return RelayBatch(int(first_id), int(last_id), acked - float(duration_ms) / 1000, acked)
 
@@ -246,7 +304,11 @@ def relay_batches_from_log(path: Path) -> list[RelayBatch]:
 
 
 async def stages(
-    url: str, flow: Flow, counted: list[str], batches: list[RelayBatch]
+    url: str,
+    flow: Flow,
+    counted: list[str],
+    batches: list[RelayBatch],
+    consumer_batches: list[ConsumerBatch],
 ) -> tuple[Stages, bool]:
     """The stages of every counted event, and whether commit timestamps were on."""
     connection = await asyncpg.connect(url)
@@ -254,7 +316,7 @@ async def stages(
         committing = await connection.fetchval("SHOW track_commit_timestamp") == "on"
         rows = await connection.fetch(
             f"""
-            SELECT p.event_id::text AS event_id, o.id AS outbox_id,
+            SELECT p.event_id::text AS event_id, o.id AS outbox_id, p.partition, p."offset",
                    extract(epoch FROM p.processed_at) AS processed,
                    {
                 "extract(epoch FROM pg_xact_commit_timestamp(p.xmin))" if committing else "NULL"
@@ -271,6 +333,8 @@ async def stages(
     # One relay, reading in id order: each batch covers an id range of its own.
     ordered = sorted(batches, key=lambda batch: batch.first_id)
     firsts = [batch.first_id for batch in ordered]
+    # A batch that was tried again (after a transient fault) is logged once: the last try.
+    first_records = {(batch.partition, batch.first_offset): batch for batch in consumer_batches}
     result = Stages()
     for row in rows:
         event_id = row["event_id"]
@@ -278,6 +342,10 @@ async def stages(
         received = flow.received[event_id] + flow.wall_offset
         processed = float(row["processed"])
         result.to_consumer.append((processed - sent) * 1000)
+        consumed = first_records.get((row["partition"], row["offset"]))
+        if consumed is not None:
+            result.to_fetched.append((consumed.fetched - sent) * 1000)
+            result.queued.append((consumed.started - consumed.fetched) * 1000)
         ready = processed
         if row["committed"] is not None:
             ready = float(row["committed"])
@@ -480,9 +548,10 @@ async def _benchmark(
     services: Services, settings: Settings, url: str, args: argparse.Namespace
 ) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="orderflow-latency-") as scratch:
-        relay_log = Path(scratch) / "relay.log"
-        collected = RelayBatches()
+        relay_log, consumer_log = Path(scratch) / "relay.log", Path(scratch) / "consume.log"
+        collected, consumed = RelayBatches(), ConsumerBatches()
         relay_logger = logging.getLogger("orderflow.relay")
+        consumer_logger = logging.getLogger("orderflow.consumer")
 
         def start(
             stop: asyncio.Event,
@@ -490,14 +559,18 @@ async def _benchmark(
             if args.in_process:
                 relay_logger.setLevel(logging.INFO)
                 relay_logger.addHandler(collected)
+                consumer_logger.setLevel(logging.INFO)
+                consumer_logger.addHandler(consumed)
                 return [
                     asyncio.create_task(run_consumer(settings, stop)),
                     asyncio.create_task(run_relay(settings, stop)),
                 ], []
             return [], [
-                start_process("consume", settings),
-                # At INFO, in JSON: its "batch published" lines time each batch's send
-                # and acks (one line a batch: a few hundred a second at most).
+                # Both at INFO (their default), in JSON, one line a batch: the consumer's
+                # "batch applied" lines tell when each batch started and how long its first
+                # record had waited since its fetch; the relay's "batch published" lines
+                # time each batch's send and acks.
+                start_process("consume", settings, log=consumer_log),
                 start_process("relay", settings, log=relay_log),
             ]
 
@@ -505,10 +578,17 @@ async def _benchmark(
             measured = await measure(services, settings, args, start)
         finally:
             relay_logger.removeHandler(collected)
-        batches = collected.batches if args.in_process else relay_batches_from_log(relay_log)
+            consumer_logger.removeHandler(consumed)
+        if args.in_process:
+            batches, applied_batches = collected.batches, consumed.batches
+        else:
+            batches = relay_batches_from_log(relay_log)
+            applied_batches = consumer_batches_from_log(consumer_log)
     # Read after the stop: the relay's last batch is marked (and counted) by then.
     consumer_batches, applied, relay_batches, published = await counts(url)
-    stage, commit_timestamps = await stages(url, measured.flow, measured.counted, batches)
+    stage, commit_timestamps = await stages(
+        url, measured.flow, measured.counted, batches, applied_batches
+    )
     return Outcome(
         latencies_ms=measured.latencies_ms,
         sent=measured.sent,
@@ -710,9 +790,13 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
     out.write(
         f"  count {len(values)}  p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}  max {top:.1f}\n"
     )
-    out.write("stages (ms), from the database's timestamps and the relay's log:\n")
+    out.write("stages (ms), from the database's timestamps and the consumer's and relay's logs:\n")
     stage = outcome.stages
     out.write(f"  send -> consumer transaction start     {summary(stage.to_consumer)}\n")
+    if stage.queued:
+        out.write(f"    (the first record of each of its {len(stage.queued)} batches:)\n")
+        out.write(f"    send -> the consumer has it         {summary(stage.to_fetched)}\n")
+        out.write(f"    -> its batch starts                 {summary(stage.queued)}\n")
     if outcome.commit_timestamps:
         out.write(f"  -> its commit                         {summary(stage.transaction)}\n")
         out.write(f"  -> relay hands its batch to producer  {summary(stage.to_relay_send)}\n")

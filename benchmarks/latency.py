@@ -218,23 +218,6 @@ class RelayBatch:
     acked: float
 
 
-class RelayBatches(logging.Handler):
-    """Collects the in-process relay's ``batch published`` records."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.batches: list[RelayBatch] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = record.__dict__
-        if record.getMessage() == "batch published" and "first_id" in fields:
-            self.batches.append(
-                relay_batch(
-                    fields["first_id"], fields["last_id"], record.created, fields["duration_ms"]
-                )
-            )
-
-
 @dataclass(frozen=True)
 class ConsumerBatch:
     """One ``batch applied`` line of the consumer's log (times: seconds since the epoch)."""
@@ -246,60 +229,57 @@ class ConsumerBatch:
     fetched: float
 
 
-class ConsumerBatches(logging.Handler):
-    """Collects the in-process consumer's ``batch applied`` records."""
+#: A log line's fields, and when it was written (seconds since the epoch).
+Logged = tuple[dict[str, Any], float]
 
-    def __init__(self) -> None:
+
+class LoggedLines(logging.Handler):
+    """Collects the in-process consumer's or relay's lines of one event."""
+
+    def __init__(self, event: str) -> None:
         super().__init__(logging.INFO)
-        self.batches: list[ConsumerBatch] = []
+        self.event = event
+        self.lines: list[Logged] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        fields = record.__dict__
-        if record.getMessage() == "batch applied" and "queued_ms" in fields:
-            self.batches.append(consumer_batch(fields, record.created))
+        if record.getMessage() == self.event:
+            self.lines.append((record.__dict__, record.created))
 
 
-def consumer_batch(fields: dict[str, Any], logged: float) -> ConsumerBatch:
-    started = logged - float(fields["duration_ms"]) / 1000
-    return ConsumerBatch(
-        int(fields["partition"]),
-        int(fields["first_offset"]),
-        started,
-        started - float(fields["queued_ms"]) / 1000,
-    )
-
-
-def consumer_batches_from_log(path: Path) -> list[ConsumerBatch]:
-    """The ``batch applied`` lines of a consumer's JSON log."""
-    batches = []
+def logged_lines(path: Path, event: str) -> list[Logged]:
+    """The lines of one event in a consumer's or relay's JSON log."""
+    lines = []
     for line in path.read_bytes().splitlines():
         with contextlib.suppress(orjson.JSONDecodeError):
             entry = orjson.loads(line)
-            if (
-                isinstance(entry, dict)
-                and entry.get("event") == "batch applied"
-                and "queued_ms" in entry
-            ):
-                logged = datetime.fromisoformat(entry["timestamp"]).timestamp()
-                batches.append(consumer_batch(entry, logged))
-    return batches
+            if isinstance(entry, dict) and entry.get("event") == event:
+                lines.append((entry, datetime.fromisoformat(entry["timestamp"]).timestamp()))
+    return lines
 
 
-def relay_batch(first_id: int, last_id: int, acked: float, duration_ms: float) -> RelayBatch:
-    return RelayBatch(int(first_id), int(last_id), acked - float(duration_ms) / 1000, acked)
+def relay_batch_times(lines: list[Logged]) -> list[RelayBatch]:
+    """``batch published`` lines: logged once the batch's acks are in."""
+    return [
+        RelayBatch(
+            int(fields["first_id"]),
+            int(fields["last_id"]),
+            logged - float(fields["duration_ms"]) / 1000,
+            logged,
+        )
+        for fields, logged in lines
+        if "first_id" in fields
+    ]
 
 
-def relay_batches_from_log(path: Path) -> list[RelayBatch]:
-    """The ``batch published`` lines of a relay's JSON log."""
+def consumer_batch_times(lines: list[Logged]) -> list[ConsumerBatch]:
+    """``batch applied`` lines: logged once the batch has committed."""
     batches = []
-    for line in path.read_bytes().splitlines():
-        with contextlib.suppress(orjson.JSONDecodeError):
-            entry = orjson.loads(line)
-            if isinstance(entry, dict) and entry.get("event") == "batch published":
-                acked = datetime.fromisoformat(entry["timestamp"]).timestamp()
-                batches.append(
-                    relay_batch(entry["first_id"], entry["last_id"], acked, entry["duration_ms"])
-                )
+    for fields, logged in lines:
+        if "queued_ms" in fields:
+            started = logged - float(fields["duration_ms"]) / 1000
+            fetched = started - float(fields["queued_ms"]) / 1000
+            partition, first_offset = int(fields["partition"]), int(fields["first_offset"])
+            batches.append(ConsumerBatch(partition, first_offset, started, fetched))
     return batches
 
 
@@ -549,7 +529,7 @@ async def _benchmark(
 ) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="orderflow-latency-") as scratch:
         relay_log, consumer_log = Path(scratch) / "relay.log", Path(scratch) / "consume.log"
-        collected, consumed = RelayBatches(), ConsumerBatches()
+        publish_lines, apply_lines = LoggedLines("batch published"), LoggedLines("batch applied")
         relay_logger = logging.getLogger("orderflow.relay")
         consumer_logger = logging.getLogger("orderflow.consumer")
 
@@ -558,9 +538,9 @@ async def _benchmark(
         ) -> tuple[list[asyncio.Task[None]], list[subprocess.Popen[bytes]]]:
             if args.in_process:
                 relay_logger.setLevel(logging.INFO)
-                relay_logger.addHandler(collected)
+                relay_logger.addHandler(publish_lines)
                 consumer_logger.setLevel(logging.INFO)
-                consumer_logger.addHandler(consumed)
+                consumer_logger.addHandler(apply_lines)
                 return [
                     asyncio.create_task(run_consumer(settings, stop)),
                     asyncio.create_task(run_relay(settings, stop)),
@@ -577,17 +557,19 @@ async def _benchmark(
         try:
             measured = await measure(services, settings, args, start)
         finally:
-            relay_logger.removeHandler(collected)
-            consumer_logger.removeHandler(consumed)
-        if args.in_process:
-            batches, applied_batches = collected.batches, consumed.batches
-        else:
-            batches = relay_batches_from_log(relay_log)
-            applied_batches = consumer_batches_from_log(consumer_log)
+            relay_logger.removeHandler(publish_lines)
+            consumer_logger.removeHandler(apply_lines)
+        if not args.in_process:
+            publish_lines.lines = logged_lines(relay_log, publish_lines.event)
+            apply_lines.lines = logged_lines(consumer_log, apply_lines.event)
     # Read after the stop: the relay's last batch is marked (and counted) by then.
     consumer_batches, applied, relay_batches, published = await counts(url)
     stage, commit_timestamps = await stages(
-        url, measured.flow, measured.counted, batches, applied_batches
+        url,
+        measured.flow,
+        measured.counted,
+        relay_batch_times(publish_lines.lines),
+        consumer_batch_times(apply_lines.lines),
     )
     return Outcome(
         latencies_ms=measured.latencies_ms,

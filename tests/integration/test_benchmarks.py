@@ -63,6 +63,11 @@ def test_the_latency_benchmark_times_every_stage(services: Services) -> None:
     assert "p50" in acks
     [handed] = [line for line in lines if "hands" in line]
     assert "p50" in handed
+    # So were the consumer's: the first stage split for the first record of each batch.
+    [fetched] = [line for line in lines if "send -> the consumer has it" in line]
+    assert "p50" in fetched
+    [queued] = [line for line in lines if "-> its batch starts" in line]
+    assert "p50" in queued
 
 
 @pytest.mark.timeout(600)

@@ -662,7 +662,7 @@ def asyncapi_document() -> dict[str, Any]:
     }
 
 
-_PLAIN_SCALAR: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]*$")
+_PLAIN_SCALAR: Final = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
 _YAML_WORDS: Final = frozenset(
     {"y", "n", "yes", "no", "true", "false", "on", "off", "null", "nan", "inf"}
 )
@@ -676,7 +676,7 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        if _PLAIN_SCALAR.match(value) and value.lower() not in _YAML_WORDS:
+        if _PLAIN_SCALAR.fullmatch(value) and value.lower() not in _YAML_WORDS:
             return value
         return _yaml_quoted(value)
     raise TypeError(f"cannot write {type(value).__name__} as YAML")

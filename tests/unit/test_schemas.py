@@ -486,6 +486,13 @@ def test_the_yaml_writer_round_trips(value: Any) -> None:
     assert yaml.safe_load(contracts.render_yaml(value)) == value
 
 
+@pytest.mark.parametrize("value", [{"A\n": None}, "A\n", ["A\n"], {"k": "A\n"}])
+def test_the_yaml_writer_quotes_a_word_with_a_trailing_line_break(value: Any) -> None:
+    # Found by the property above, once in a while: a regex's ``$`` also matches before
+    # a final newline, and such a word went out unquoted.
+    assert yaml.safe_load(contracts.render_yaml(value)) == value
+
+
 # -- the command ------------------------------------------------------------------------
 
 

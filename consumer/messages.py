@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from consumer.errors import RejectedEvent
 from outbox import OutboxMessage
@@ -23,8 +23,8 @@ class InboundMessage:
     #: Its W3C trace context, if it came with one (see :mod:`consumer.tracing`).
     trace: TraceHeaders = ()
     #: When the consume loop received it (``time.monotonic()``); 0.0 for a message that
-    #: did not come through it (a replay, a parked event).
-    fetched_at: float = 0.0
+    #: did not come through it (a replay, a parked event). Not part of its identity.
+    fetched_at: float = field(default=0.0, compare=False)
 
 
 def dead_letter(

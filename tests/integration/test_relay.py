@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 import pytest
@@ -496,6 +496,21 @@ async def test_a_session_setting_the_server_refuses_is_gone_without(
     await insert_messages(env, [message(env.settings.outbound_topic, "configured")])
     async with direct_relay(env, RelayConfig(claim_interval=0.2)):
         await wait_all_published(env)
+
+
+async def test_the_relays_marks_do_not_wait_for_the_disk(env: TestEnv) -> None:
+    """A mark the server loses in a crash only publishes its rows again (repeats, after the
+    copies already sent); waiting for each mark's WAL flush would cost every batch a disk
+    round trip on the relay's one connection."""
+    engine = create_engine(env.settings, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await Relay(engine, cast(Any, None))._configure(connection)
+            setting = await connection.execute(text("SHOW synchronous_commit"))
+            assert setting.scalar_one() == "off"
+    finally:
+        await engine.dispose()
 
 
 async def test_orderflow_relay_replaces_a_producer_that_failed_for_good(env: TestEnv) -> None:

@@ -375,6 +375,8 @@ class Outcome:
     cpu_window: float = 0.0
     #: The same stream through a bare forwarder (no database), measured first.
     baseline: Measured | None = None
+    #: The same stream through the outbox pattern at its barest (see ``floor``), second.
+    floor: Measured | None = None
 
 
 async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
@@ -397,27 +399,43 @@ async def benchmark(services: Services, args: argparse.Namespace) -> Outcome:
         dlq_topic=f"{inbound}.bare.dlq",
         consumer_group=f"bench-latency-bare-{suffix}",
     )
+    lowest = settings.with_overrides(
+        inbound_topic=f"{inbound}.floor",
+        outbound_topic=f"{inbound}.floor.out",
+        dlq_topic=f"{inbound}.floor.dlq",
+        consumer_group=f"bench-latency-floor-{suffix}",
+    )
     try:
         url = await create_database(services, database)
         settings = settings.with_overrides(database_url=url)
-        await ensure_topics(settings, partitions=args.partitions)
-        await ensure_topics(bare, partitions=args.partitions)
+        for topics in (settings, bare, lowest):
+            await ensure_topics(topics, partitions=args.partitions)
         say(f"services: {services.origin}")
         say("baseline: the same stream through a bare forwarder (consume, produce; no database)")
         baseline = await measure(
             services,
             bare,
             args,
-            lambda stop: ([], [start_forwarder(bare)]),
+            lambda stop: ([], [start_middle(bare, "--forward")]),
         )
         say(f"  p50 {percentile(baseline.latencies_ms, 0.5):.1f} ms")
+        say("floor: the outbox pattern at its barest (one statement a fetch, a relay that reads)")
+        floored = await measure(
+            services,
+            lowest,
+            args,
+            lambda stop: ([], [start_middle(lowest.with_overrides(database_url=url), "--floor")]),
+        )
+        say(f"  p50 {percentile(floored.latencies_ms, 0.5):.1f} ms")
         say("orderflow: `orderflow consume` and `orderflow relay`")
         outcome = await _benchmark(services, settings, url, args)
         outcome.baseline = baseline
+        outcome.floor = floored
         return outcome
     finally:
         await cleanup(services, settings, database)
         await cleanup(services, bare, None)
+        await cleanup(services, lowest, None)
 
 
 def eager_producer(bootstrap_servers: str | list[str], idempotence: bool) -> AIOKafkaProducer:
@@ -617,23 +635,128 @@ async def forward(settings: Settings, stop: asyncio.Event) -> None:
         await consumer.stop()
 
 
-def run_forwarder() -> int:
-    """``latency.py --forward``: the forwarder process, configured by the environment."""
+#: The floor's tables: an outbox of finished messages, and the inbound offsets.
+FLOOR_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS floor_outbox (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        key bytea,
+        payload bytea NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS floor_offsets (
+        topic text NOT NULL,
+        partition int NOT NULL,
+        next_offset bigint NOT NULL,
+        PRIMARY KEY (topic, partition)
+    )
+"""
+#: One fetch's records and offsets, and the relay's wake-up: one statement, so one
+#: round trip and one (fsync'ed) commit.
+FLOOR_APPLY = """
+    WITH written AS (
+        INSERT INTO floor_outbox (key, payload)
+        SELECT * FROM unnest(CAST($1 AS bytea[]), CAST($2 AS bytea[]))
+    ), advanced AS (
+        INSERT INTO floor_offsets (topic, partition, next_offset)
+        SELECT $3, * FROM unnest(CAST($4 AS int[]), CAST($5 AS bigint[]))
+        ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset
+    )
+    SELECT pg_notify('floor_outbox', '')
+"""
+FLOOR_FETCH = "SELECT id, key, payload FROM floor_outbox WHERE id > $1 ORDER BY id"
+
+
+async def floor(settings: Settings, stop: asyncio.Event) -> None:
+    """The floor's middle: the outbox pattern with nothing but its unavoidable steps. Each
+    fetch (consumed as the forwarder consumes) is written with its offsets in one
+    statement, one committing transaction, which notifies; a relay on its own connection
+    wakes, reads what is new in id order, produces it as the forwarder does and awaits
+    the acks before it reads again. No per-order reads or locks, no duplicate check, no
+    mark: the relay keeps its position in memory. (Only one writer, so ids commit in
+    order and that position skips nothing.) Whatever a real design adds to this, it can
+    only be slower: what this achieves is what no design on this machine can beat."""
+    url = (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://")
+    writer = await asyncpg.connect(url)
+    reader = await asyncpg.connect(url)
+    consumer = AIOKafkaConsumer(
+        settings.inbound_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=settings.consumer_group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+    )
+    producer = eager_producer(settings.require_kafka(), settings.kafka_idempotence)
+    await writer.execute(FLOOR_SCHEMA)
+    await consumer.start()
+    await producer.start()
+    relaying = asyncio.create_task(floor_relay(reader, producer, settings.outbound_topic, stop))
+    try:
+        while not stop.is_set() and not relaying.done():
+            batches = await consumer.getmany(timeout_ms=100)
+            if not batches:
+                continue
+            keys: list[bytes | None] = []
+            values: list[bytes] = []
+            for records in batches.values():
+                for record in records:
+                    event_id = orjson.loads(record.value or b"{}").get("event_id")
+                    keys.append(record.key)
+                    values.append(orjson.dumps({"causation_id": event_id}))
+            await writer.execute(
+                FLOOR_APPLY,
+                keys,
+                values,
+                settings.inbound_topic,
+                [partition.partition for partition in batches],
+                [records[-1].offset + 1 for records in batches.values()],
+            )
+    finally:
+        stop.set()
+        await asyncio.wait({relaying}, timeout=5)
+        await producer.stop()
+        await consumer.stop()
+        await writer.close()
+        await reader.close()
+    relaying.result()
+
+
+async def floor_relay(
+    connection: asyncpg.Connection, producer: AIOKafkaProducer, topic: str, stop: asyncio.Event
+) -> None:
+    woken = asyncio.Event()
+    await connection.add_listener("floor_outbox", lambda *_: woken.set())
+    position = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), 0.5)
+        woken.clear()
+        rows = await connection.fetch(FLOOR_FETCH, position)
+        if not rows:
+            continue
+        acks = [await producer.send(topic, key=row[1], value=row[2]) for row in rows]
+        await asyncio.gather(*acks)
+        position = rows[-1][0]
+
+
+def run_middle(middle: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> int:
+    """``latency.py --forward`` / ``--floor``: that process, configured by the environment."""
     settings = Settings.from_env()
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await forward(settings, stop)
+        await middle(settings, stop)
 
     asyncio.run(serve())
     return 0
 
 
-def start_forwarder(settings: Settings) -> subprocess.Popen[bytes]:
+def start_middle(settings: Settings, which: str) -> subprocess.Popen[bytes]:
+    """This file run as ``--forward`` or ``--floor``, configured as ``settings``."""
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--forward"],
+        [sys.executable, str(Path(__file__).resolve()), which],
         env=service_environment(settings),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -809,6 +932,24 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
             f"orderflow against it: p50 {p50 / base_p50:.1f}x, p99 {p99 / base_p99:.1f}x\n\n"
         )
         result += f" baseline_p50_ms={base_p50:.1f} baseline_p99_ms={base_p99:.1f}"
+    lowest = outcome.floor
+    if lowest is not None:
+        values = lowest.latencies_ms
+        floor_p50, floor_p99 = percentile(values, 0.5), percentile(values, 0.99)
+        floor_cpu = cpu_summary(lowest.cpu_seconds, lowest.sent, lowest.cpu_window)
+        out.write(
+            "floor, the same stream through the outbox pattern at its barest (one statement "
+            "per fetch, a relay that only reads; see `floor`), measured second:\n"
+            f"  count {len(values)}  {summary(values)}\n  CPU per event (µs): {floor_cpu}\n"
+            f"orderflow against it: p50 {p50 / floor_p50:.1f}x, p99 {p99 / floor_p99:.1f}x\n"
+        )
+        if baseline is not None:
+            out.write(
+                f"the floor against the forwarder: p50 {floor_p50 / base_p50:.1f}x "
+                f"(+{floor_p50 - base_p50:.1f} ms), p99 {floor_p99 / base_p99:.1f}x\n"
+            )
+        out.write("\n")
+        result += f" floor_p50_ms={floor_p50:.1f} floor_p99_ms={floor_p99:.1f}"
     out.write(result)
     return out.getvalue()
 
@@ -851,8 +992,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv) == ["--forward"]:
-        return run_forwarder()
+    middle = {"--forward": forward, "--floor": floor}
+    given = sys.argv[1:] if argv is None else argv
+    if len(given) == 1 and given[0] in middle:
+        return run_middle(middle[given[0]])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:

@@ -99,7 +99,8 @@ async def create_database(services: Services, name: str) -> str:
 
 def cpu_by_role() -> Counter[str]:
     """CPU seconds (user + system) used so far by this process and its descendants, by
-    role: ``consume``, ``relay``, ``forwarder`` (the latency benchmark's baseline),
+    role: ``consume``, ``relay``, ``forwarder`` and ``floor`` (the latency benchmark's
+    baselines),
     ``postgres``, ``broker`` and ``benchmark`` (this process: whatever it runs itself:
     producers, subscribers, in-process consumers and relays).
 
@@ -147,6 +148,8 @@ def cpu_by_role() -> Counter[str]:
             role = "broker"
         elif "--forward" in cmdline:
             role = "forwarder"
+        elif "--floor" in cmdline:
+            role = "floor"
         elif " consume" in cmdline:
             role = "consume"
         elif " relay" in cmdline:

@@ -22,6 +22,13 @@ which consumes the inbound topic as the consumer does (a group; fetches wait at 
 and produces each record straight to an outbound topic, without linger or database: what
 the two trips through the broker cost on this machine at this rate.
 
+Floor, measured second, the same way: the outbox pattern at its barest (this file run with
+``--floor``): each fetch written with its offsets in one statement that commits and
+notifies, and a relay that reads what is new and produces it, with no locks, duplicate
+check or mark (see ``floor``). No outbox design can beat it, so it splits orderflow's
+distance from the forwarder into the pattern's own cost (floor - forwarder) and
+orderflow's (orderflow - floor).
+
 Each stream is primed first (one event, end to end: the consumer has joined its group and
 the relay owns its shards), and events sent in the first 2 s of the stream are not counted
 (warm-up). Every counted event must come back. Afterwards the database's own timestamps
@@ -36,7 +43,7 @@ when records are waiting (Apache Kafka answers at once); the consumer waits at m
 the subscriber here at most 10 ms.
 
 The last line of output is machine-readable (``RESULT p50_ms=... p99_ms=... max_ms=...
-baseline_p50_ms=... baseline_p99_ms=...``).
+baseline_p50_ms=... baseline_p99_ms=... floor_p50_ms=... floor_p99_ms=...``).
 """
 
 # ruff: noqa: E402
@@ -606,11 +613,10 @@ async def _benchmark(
     )
 
 
-async def forward(settings: Settings, stop: asyncio.Event) -> None:
-    """The baseline's middle: every inbound record straight to the outbound topic (same
-    key, an update naming it as its cause), no database. Consumes as ``orderflow
-    consume`` does (a group, fetches waiting at most 20 ms) and produces without linger."""
-    consumer = AIOKafkaConsumer(
+def group_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """The baselines' consumer of the inbound topic: as ``orderflow consume``'s (a group,
+    fetches waiting at most 20 ms)."""
+    return AIOKafkaConsumer(
         settings.inbound_topic,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=settings.consumer_group,
@@ -619,6 +625,13 @@ async def forward(settings: Settings, stop: asyncio.Event) -> None:
         fetch_max_wait_ms=20,
         session_timeout_ms=settings.kafka_session_timeout_ms,
     )
+
+
+async def forward(settings: Settings, stop: asyncio.Event) -> None:
+    """The baseline's middle: every inbound record straight to the outbound topic (same
+    key, an update naming it as its cause), no database. Consumes as ``orderflow
+    consume`` does (a group, fetches waiting at most 20 ms) and produces without linger."""
+    consumer = group_consumer(settings)
     producer = eager_producer(settings.require_kafka(), settings.kafka_idempotence)
     await consumer.start()
     await producer.start()
@@ -672,20 +685,12 @@ async def floor(settings: Settings, stop: asyncio.Event) -> None:
     wakes, reads what is new in id order, produces it as the forwarder does and awaits
     the acks before it reads again. No per-order reads or locks, no duplicate check, no
     mark: the relay keeps its position in memory. (Only one writer, so ids commit in
-    order and that position skips nothing.) Whatever a real design adds to this, it can
-    only be slower: what this achieves is what no design on this machine can beat."""
+    order and that position skips nothing.) Whatever a real outbox adds to this can only
+    make it slower: no outbox design on this machine beats what this achieves."""
     url = (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://")
     writer = await asyncpg.connect(url)
     reader = await asyncpg.connect(url)
-    consumer = AIOKafkaConsumer(
-        settings.inbound_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=settings.consumer_group,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=20,
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-    )
+    consumer = group_consumer(settings)
     producer = eager_producer(settings.require_kafka(), settings.kafka_idempotence)
     await writer.execute(FLOOR_SCHEMA)
     await consumer.start()

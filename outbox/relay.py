@@ -222,10 +222,12 @@ class _InFlight:
 
 
 # Run on the driver connection itself (asyncpg, prepared once): the statements of every
-# batch skip SQLAlchemy's result machinery, which costs more than the query.
+# batch skip SQLAlchemy's result machinery, which costs more than the query. The age is
+# ``date_part``'s double: ``EXTRACT`` computes in numeric (PostgreSQL 14 and newer), which
+# cost a fifth of the whole read on PostgreSQL 15.
 _SELECT_BATCH: Final = """
     SELECT id, topic, key, payload, CAST(headers AS text) AS headers,
-           CAST(EXTRACT(EPOCH FROM clock_timestamp() - created_at) AS float8) AS age
+           date_part('epoch', statement_timestamp() - created_at) AS age
     FROM outbox_messages
     WHERE published_at IS NULL AND shard = ANY($1::int[]) AND id >= $4
       AND id <> ALL($2::bigint[])

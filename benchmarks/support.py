@@ -100,9 +100,8 @@ async def create_database(services: Services, name: str) -> str:
 def cpu_by_role() -> Counter[str]:
     """CPU seconds (user + system) used so far by this process and its descendants, by
     role: ``consume``, ``relay``, ``forwarder`` and ``floor`` (the latency benchmark's
-    baselines),
-    ``postgres``, ``broker`` and ``benchmark`` (this process: whatever it runs itself:
-    producers, subscribers, in-process consumers and relays).
+    baselines), ``postgres``, ``broker`` and ``benchmark`` (this process: whatever it runs
+    itself: producers, subscribers, in-process consumers and relays).
 
     Read from ``/proc`` (Linux); empty elsewhere. Processes of other programs on the machine
     are not counted, however busy they keep it.

@@ -925,38 +925,46 @@ def report(outcome: Outcome, args: argparse.Namespace) -> str:
             f"{cpu_summary(outcome.cpu_seconds, outcome.sent, outcome.cpu_window)}\n\n"
         )
     result = f"RESULT p50_ms={p50:.1f} p99_ms={p99:.1f} max_ms={top:.1f}"
-    baseline = outcome.baseline
-    if baseline is not None:
-        values = baseline.latencies_ms
-        base_p50, base_p99 = percentile(values, 0.5), percentile(values, 0.99)
-        base_cpu = cpu_summary(baseline.cpu_seconds, baseline.sent, baseline.cpu_window)
-        out.write(
+    base: tuple[float, float] | None = None
+    if outcome.baseline is not None:
+        base = compared(
+            out,
+            outcome.baseline,
             "baseline, the same stream through a bare forwarder process (consume, produce, no "
-            f"database), measured first in this run:\n  count {len(values)}  {summary(values)}"
-            f"\n  CPU per event (µs): {base_cpu}\n"
-            f"orderflow against it: p50 {p50 / base_p50:.1f}x, p99 {p99 / base_p99:.1f}x\n\n"
+            "database), measured first in this run",
+            (p50, p99),
         )
-        result += f" baseline_p50_ms={base_p50:.1f} baseline_p99_ms={base_p99:.1f}"
-    lowest = outcome.floor
-    if lowest is not None:
-        values = lowest.latencies_ms
-        floor_p50, floor_p99 = percentile(values, 0.5), percentile(values, 0.99)
-        floor_cpu = cpu_summary(lowest.cpu_seconds, lowest.sent, lowest.cpu_window)
-        out.write(
+        result += f" baseline_p50_ms={base[0]:.1f} baseline_p99_ms={base[1]:.1f}"
+    if outcome.floor is not None:
+        floor_p50, floor_p99 = compared(
+            out,
+            outcome.floor,
             "floor, the same stream through the outbox pattern at its barest (one statement "
-            "per fetch, a relay that only reads; see `floor`), measured second:\n"
-            f"  count {len(values)}  {summary(values)}\n  CPU per event (µs): {floor_cpu}\n"
-            f"orderflow against it: p50 {p50 / floor_p50:.1f}x, p99 {p99 / floor_p99:.1f}x\n"
+            "per fetch, a relay that only reads; see `floor`), measured second",
+            (p50, p99),
         )
-        if baseline is not None:
+        if base is not None:
             out.write(
-                f"the floor against the forwarder: p50 {floor_p50 / base_p50:.1f}x "
-                f"(+{floor_p50 - base_p50:.1f} ms), p99 {floor_p99 / base_p99:.1f}x\n"
+                f"the floor against the forwarder: p50 {floor_p50 / base[0]:.1f}x "
+                f"({floor_p50 - base[0]:+.1f} ms), p99 {floor_p99 / base[1]:.1f}x\n\n"
             )
-        out.write("\n")
         result += f" floor_p50_ms={floor_p50:.1f} floor_p99_ms={floor_p99:.1f}"
     out.write(result)
     return out.getvalue()
+
+
+def compared(
+    out: io.StringIO, measured: Measured, title: str, orderflow: tuple[float, float]
+) -> tuple[float, float]:
+    """Write a baseline's figures and orderflow's (p50, p99) against them; its (p50, p99)."""
+    values = measured.latencies_ms
+    p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+    cpu = cpu_summary(measured.cpu_seconds, measured.sent, measured.cpu_window)
+    out.write(
+        f"{title}:\n  count {len(values)}  {summary(values)}\n  CPU per event (µs): {cpu}\n"
+        f"orderflow against it: p50 {orderflow[0] / p50:.1f}x, p99 {orderflow[1] / p99:.1f}x\n\n"
+    )
+    return p50, p99
 
 
 def cpu_summary(cpu_seconds: dict[str, float], sent: int, window: float) -> str:

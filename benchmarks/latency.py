@@ -88,6 +88,7 @@ from benchmarks.support import (
     admin,
     cpu_by_role,
     create_database,
+    plain_url,
     provide_services,
     say,
 )
@@ -687,7 +688,7 @@ async def floor(settings: Settings, stop: asyncio.Event) -> None:
     mark: the relay keeps its position in memory. (Only one writer, so ids commit in
     order and that position skips nothing.) Whatever a real outbox adds to this can only
     make it slower: no outbox design on this machine beats what this achieves."""
-    url = (settings.database_url or "").replace("postgresql+asyncpg://", "postgresql://")
+    url = plain_url(settings.database_url or "")
     writer = await asyncpg.connect(url)
     reader = await asyncpg.connect(url)
     consumer = group_consumer(settings)

@@ -43,9 +43,12 @@ def plain_url(url: str, database: str | None = None) -> str:
 @contextlib.contextmanager
 def provide_services(
     postgres_settings: tuple[tuple[str, str], ...] = (),
+    *,
+    broker: bool = True,
 ) -> Iterator[Services]:
     """The services of ``DATABASE_URL`` / ``KAFKA_BOOTSTRAP_SERVERS``, or embedded ones
-    (``postgres_settings``: more server settings for an embedded PostgreSQL)."""
+    (``postgres_settings``: more server settings for an embedded PostgreSQL; ``broker``
+    False: PostgreSQL only, ``bootstrap_servers`` empty)."""
     database_url = os.environ.get("DATABASE_URL")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     with contextlib.ExitStack() as stack:
@@ -57,7 +60,10 @@ def provide_services(
             )
             database_url = postgres.url
             pg_origin = "embedded PostgreSQL (durable: fsync on)"
-        if bootstrap:
+        if not broker:
+            bootstrap, kafka_origin = "", "no broker"
+            idempotence, session_timeout_ms = False, 3000
+        elif bootstrap:
             kafka_origin = f"Kafka {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)"
             idempotence, session_timeout_ms = True, 10000
         else:

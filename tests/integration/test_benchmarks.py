@@ -77,3 +77,17 @@ def test_the_retention_benchmark_runs(services: Services) -> None:
     assert "retained_ratio=" in lines[-1]
     assert "retained_db_cost_ratio=" in lines[-1]
     assert "stalled" not in "\n".join(lines)
+
+
+@pytest.mark.timeout(600)
+def test_the_designs_benchmark_publishes_every_row_once_in_each_design(
+    services: Services,
+) -> None:
+    # It exits non-zero (PROBLEM) when a design fetched a row twice, skipped one, or left
+    # its state saying a row is still unpublished.
+    lines = run_benchmark(
+        services, "designs.py", "--writes", "100", "--rows", "2000", "--rounds", "1"
+    )
+    assert "PROBLEM" not in "\n".join(lines)
+    for design in ("hot_update", "pending_delete", "pending_trigger", "shard_position"):
+        assert f"{design}_publishing_ratio=" in lines[-1]

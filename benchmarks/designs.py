@@ -271,8 +271,8 @@ async def _measure(backend: Backend, design: str, args: argparse.Namespace) -> M
                 )
 
     write_phase = await backend.measure(len(written), write)
-    # The publish phase starts from a clean table of R unpublished rows (and the written
-    # ones, which it publishes too: they are rows like the others).
+    # The publish phase publishes the written rows and R more, loaded here (the pending
+    # designs get their pending ids for them too).
     await connection.copy_records_to_table(
         "outbox_messages",
         columns=COLUMNS,

@@ -26,6 +26,11 @@ starts at the oldest unmarked message, so each key's first copies stay in order;
 repeats can come late. The session's TCP keepalives are short, so that the server notices
 a relay whose host vanished, and frees its shards, within seconds (``SESSION_SETTINGS``).
 
+Marking rewrites no message: a message is unpublished while its id is in
+``outbox_pending`` (written by an insert trigger in the inserting transaction), and the
+mark deletes the batch's ids from there. The messages stay in ``outbox_messages``,
+unchanged, until retention prunes them.
+
 Throughput: the relay builds one record batch per partition itself (partitioned as the
 producer's own ``send`` would: murmur2 of the key) instead of handing the producer one
 message at a time, and reads and marks rows on the driver connection directly.
@@ -225,14 +230,21 @@ class _InFlight:
 # batch skip SQLAlchemy's result machinery, which costs more than the query. The age is
 # ``date_part``'s double: ``EXTRACT`` computes in numeric (PostgreSQL 14 and newer), which
 # cost a fifth of the whole read on PostgreSQL 15.
+#
+# The first pending ids of the owned shards in id order (from the floor, $4), and then
+# their messages by primary key: the limit applies to the narrow table first, so the
+# read never walks retained messages however the planner would have joined the two.
 _SELECT_BATCH: Final = """
     SELECT id, topic, key, payload, CAST(headers AS text) AS headers,
            date_part('epoch', statement_timestamp() - created_at) AS age
     FROM outbox_messages
-    WHERE published_at IS NULL AND shard = ANY($1::int[]) AND id >= $4
-      AND id <> ALL($2::bigint[])
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM outbox_pending
+        WHERE shard = ANY($1::int[]) AND id >= $4 AND id <> ALL($2::bigint[])
+        ORDER BY id
+        LIMIT $3
+    ))
     ORDER BY id
-    LIMIT $3
 """
 # The scan floor (see ``Relay._advance_floor``), in one round trip: whether every
 # transaction older than the candidate's transaction id ($1) has ended (the oldest one
@@ -247,17 +259,32 @@ _ADVANCE_FLOOR: Final = """
     )
     SELECT settled,
            CASE WHEN settled THEN (
-               SELECT min(id) FROM outbox_messages
-               WHERE published_at IS NULL AND shard = ANY($2::int[]) AND id >= $3 AND id <= $4
+               SELECT min(id) FROM outbox_pending
+               WHERE shard = ANY($2::int[]) AND id >= $3 AND id <= $4
            ) END AS lowest,
            (SELECT max(id) FROM outbox_messages) AS newest,
            CAST(pg_current_xact_id() AS text) AS xid
     FROM candidate
 """
-_MARK_PUBLISHED: Final = (
+# The mark: the ids leave ``outbox_pending`` (the messages themselves are not rewritten),
+# and the session's count for this second and each topic ($2, $3) goes up.
+_MARK_PUBLISHED: Final = """
+    WITH published AS (DELETE FROM outbox_pending WHERE id = ANY($1::bigint[]))
+    INSERT INTO outbox_throughput AS t (second, relay, topic, published)
+    SELECT date_trunc('second', now()), pg_backend_pid(), topic, count
+    FROM unnest($2::text[], $3::bigint[]) AS counts(topic, count)
+    ON CONFLICT (second, relay, topic) DO UPDATE SET published = t.published + excluded.published
+"""
+# Messages that waited since before schema revision 0005 also get ``published_at``, which
+# relays of the previous version read (``outbox_messages_marked`` then removes their ids
+# from ``outbox_pending``); the partial index holds only those, so this costs nothing
+# once they are gone. ``_LEGACY_NEWEST`` is the newest of them still unmarked: no new ones
+# appear (``published_at`` defaults to ``'infinity'``), so any answer stays an upper bound.
+_MARK_LEGACY: Final = (
     "UPDATE outbox_messages SET published_at = now() "
-    "WHERE id = ANY($1::bigint[]) AND published_at IS NULL"
+    "WHERE published_at IS NULL AND id = ANY($1::bigint[])"
 )
+_LEGACY_NEWEST: Final = "SELECT max(id) FROM outbox_messages WHERE published_at IS NULL"
 _PROBE: Final = "SELECT 1"
 _CONFIGURE_SESSION: Final = text(
     "SELECT set_config(CAST(:name AS text), CAST(:setting AS text), false) "
@@ -282,15 +309,24 @@ _LIVE_RELAYS: Final = text(
       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
     """
 )
+# Published messages written longer than the retention ago, oldest first (deleted by
+# primary key: ``IN`` may become a semi join over the whole table); and the throughput
+# counts older than an hour.
 _PRUNE: Final = text(
     """
-    DELETE FROM outbox_messages WHERE id IN (
-        SELECT id FROM outbox_messages
-        WHERE published_at IS NOT NULL AND published_at < now() - CAST(:retention AS interval)
+    DELETE FROM outbox_messages WHERE id = ANY(ARRAY(
+        SELECT id FROM outbox_messages AS m
+        WHERE created_at < now() - CAST(:retention AS interval)
+          AND NOT EXISTS (SELECT FROM outbox_pending AS p WHERE p.id = m.id)
+        ORDER BY created_at
         LIMIT :limit
-    )
+    ))
     """
 )
+_PRUNE_THROUGHPUT: Final = text(
+    "DELETE FROM outbox_throughput WHERE second < now() - CAST(:kept AS interval)"
+)
+THROUGHPUT_KEPT: Final = timedelta(hours=1)
 
 
 class Relay:
@@ -319,6 +355,9 @@ class Relay:
         self._drivers: tuple[AsyncConnection, Any] | None = None
         #: Where a claim round starts looking for free shards (see ``_claim``).
         self._random = random.Random()
+        #: The newest message waiting since before schema revision 0005, at most (see
+        #: ``_MARK_LEGACY``); looked up at every claim round.
+        self._legacy_newest: int | None = None
         self.stats = RelayStats()
 
     @property
@@ -608,7 +647,12 @@ class Relay:
 
     async def _mark(self, connection: AsyncConnection, batch: _InFlight) -> None:
         driver = await self._driver(connection)
-        await driver.execute(_MARK_PUBLISHED, batch.ids)
+        if self._legacy_newest is not None and batch.ids[0] <= self._legacy_newest:
+            await driver.execute(_MARK_LEGACY, batch.ids)
+        counts: dict[str, int] = {}
+        for row in batch.rows:
+            counts[row.topic] = counts.get(row.topic, 0) + 1
+        await driver.execute(_MARK_PUBLISHED, batch.ids, list(counts), list(counts.values()))
         self.stats.published += len(batch.rows)
         self.stats.batches += 1
 
@@ -647,6 +691,7 @@ class Relay:
         Runs between batches, so a released shard has nothing in flight: every row this
         relay published from it is already marked, and the next owner starts after them.
         """
+        self._legacy_newest = await (await self._driver(connection)).fetchval(_LEGACY_NEWEST)
         live = await connection.execute(_LIVE_RELAYS, {"namespace": MEMBER_LOCK_NAMESPACE})
         target = -(-SHARD_COUNT // max(1, int(live.scalar_one())))
         before = len(self._owned)
@@ -741,8 +786,9 @@ class Relay:
         ]
 
     async def _prune(self, connection: AsyncConnection) -> float:
-        """Delete one batch of rows published longer than the retention ago; when the next
-        prune round is due.
+        """Delete one batch of published rows written longer than the retention ago (and
+        the throughput counts older than ``THROUGHPUT_KEPT``); when the next prune round is
+        due.
 
         One batch a round, so that publishing goes on between them: while there is more
         to delete, the next round comes ``PRUNE_PAUSE`` times this round's duration later,
@@ -752,6 +798,7 @@ class Relay:
             _PRUNE, {"retention": self._config.retention, "limit": self._config.prune_batch}
         )
         deleted = int(getattr(result, "rowcount", 0) or 0)
+        await connection.execute(_PRUNE_THROUGHPUT, {"kept": THROUGHPUT_KEPT})
         self.stats.pruned += deleted
         now = self._now()
         if deleted < self._config.prune_batch:

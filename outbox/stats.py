@@ -1,7 +1,9 @@
 """How the outbox is doing, per topic: backlog, oldest unpublished age, recent throughput.
 
-Both queries use the outbox's partial indexes (unpublished rows; published_at), so they
-stay cheap however many published rows are retained.
+The backlog is read from ``outbox_pending`` (only the unpublished ids), each message
+looked up by its id (a join the planner could turn into a scan of every retained
+message), and the throughput from the relays' per-second counts (``outbox_throughput``),
+so both stay cheap however many published rows are retained.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 _BACKLOG: Final = text(
     """
-    SELECT topic, count(*) AS backlog, now() - min(created_at) AS oldest
-    FROM outbox_messages WHERE published_at IS NULL GROUP BY topic
+    SELECT m.topic, count(*) AS backlog, now() - min(m.created_at) AS oldest
+    FROM outbox_pending AS p
+    CROSS JOIN LATERAL (
+        SELECT topic, created_at FROM outbox_messages WHERE id = p.id OFFSET 0
+    ) AS m
+    GROUP BY m.topic
     """
 )
 _RECENT: Final = text(
     """
-    SELECT topic, count(*) AS published
-    FROM outbox_messages WHERE published_at >= now() - CAST(:window AS interval)
+    SELECT topic, sum(published) AS published
+    FROM outbox_throughput WHERE second >= now() - CAST(:window AS interval)
     GROUP BY topic
     """
 )

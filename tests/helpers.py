@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from consumer.state_machine import OrderState, can_apply_later, transition
 from orderflow.api import Database
 from orderflow.runtime.services import run_consumer, run_relay
 from orderflow.runtime.settings import Settings
-from outbox.models import OutboxRecord
+from outbox.models import OutboxPending, OutboxRecord
 from outbox.relay import Relay
 
 T = TypeVar("T")
@@ -286,6 +286,37 @@ async def outbox_rows(
         if topic is not None:
             statement = statement.where(OutboxRecord.topic == topic)
         return list((await session.execute(statement)).scalars())
+
+
+async def pending_ids(sessions: async_sessionmaker[AsyncSession]) -> list[int]:
+    """The ids of the unpublished messages (those in ``outbox_pending``), in id order."""
+    async with sessions() as session:
+        statement = select(OutboxPending.id).order_by(OutboxPending.id)
+        return list((await session.execute(statement)).scalars())
+
+
+async def mark_published(
+    sessions: async_sessionmaker[AsyncSession],
+    ids: Sequence[int],
+    *,
+    written_ago: timedelta | None = None,
+) -> None:
+    """Publish the messages ``ids`` as the relay's mark does (their ids leave
+    ``outbox_pending``), in one transaction; with ``written_ago``, they were also written
+    (``created_at``, which retention counts from) that long before now."""
+    async with sessions() as session, session.begin():
+        if written_ago is not None:
+            await session.execute(
+                text(
+                    "UPDATE outbox_messages SET created_at = now() - CAST(:ago AS interval) "
+                    "WHERE id = ANY(:ids)"
+                ),
+                {"ago": written_ago, "ids": list(ids)},
+            )
+        deleted = await session.execute(
+            text("DELETE FROM outbox_pending WHERE id = ANY(:ids)"), {"ids": list(ids)}
+        )
+        assert getattr(deleted, "rowcount", None) == len(set(ids)), "not all of them pending"
 
 
 async def orders_by_id(sessions: async_sessionmaker[AsyncSession]) -> dict[uuid.UUID, Order]:

@@ -270,7 +270,7 @@ class Harness:
     async def reset(self) -> None:
         """Start from an empty outbox (rows of earlier schedules are gone)."""
         assert self._admin is not None
-        await self._admin.execute("TRUNCATE outbox_messages")
+        await self._admin.execute("TRUNCATE outbox_messages, outbox_pending, outbox_throughput")
 
     async def close(self) -> None:
         for writer in self.writers:
@@ -542,9 +542,7 @@ class Harness:
 
     async def unpublished(self) -> list[int]:
         assert self._admin is not None
-        records = await self._admin.fetch(
-            "SELECT id FROM outbox_messages WHERE published_at IS NULL ORDER BY id"
-        )
+        records = await self._admin.fetch("SELECT id FROM outbox_pending ORDER BY id")
         return [record[0] for record in records]
 
     async def check_topic(self, reader: AIOKafkaConsumer, start: dict[int, int]) -> None:

@@ -57,14 +57,16 @@ def replay_outbox_command(
         str,
         typer.Option(
             "--since",
-            help=f"Messages published at or after this time: {TIME_HELP}.",
+            help=f"Published messages written to the outbox at or after this time: {TIME_HELP}.",
             show_default=False,
         ),
     ],
     until: Annotated[
         str | None,
         typer.Option(
-            "--until", help="... and published before this time (default: now).", show_default=False
+            "--until",
+            help="... and written before this time (default: now).",
+            show_default=False,
         ),
     ] = None,
     order: Annotated[
@@ -165,7 +167,7 @@ def replay_outbox_command(
                         summary.add("matched", outcome.matched)
                         oldest = outcome.oldest_retained
                         hours = settings.outbox_retention_hours
-                        kept = f"published messages are kept {hours:g} h"
+                        kept = f"published messages are kept {hours:g} h after they were written"
                         if oldest is None:
                             note(
                                 f"note: no published message of {request.topic} is retained "
@@ -174,7 +176,7 @@ def replay_outbox_command(
                         elif oldest > since_at:
                             note(
                                 f"note: {kept}; the oldest one of {request.topic} still retained "
-                                f"was published at {when(oldest)}: nothing older can be replayed"
+                                f"was written at {when(oldest)}: nothing older can be replayed"
                             )
 
                     def published(count: int) -> None:

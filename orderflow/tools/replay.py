@@ -1,13 +1,14 @@
 """``orderflow replay outbox`` and ``orderflow replay topic``.
 
-**replay outbox** publishes retained, already published outbox rows again, straight to the
-broker with its own producer (the outbox table is only read): same key, value bytes and
-headers, so the same ``event_id``s, in id order, which is per-order publication order.
-Nothing is re-queued through the relay, so live traffic is neither delayed behind a
-replay nor interleaved with copies inside the outbox. On the topic, replayed messages
-interleave with live ones: an order may show version 3 (replayed) after version 5 (live).
-A subscriber that drops repeated ``event_id``s, or keeps each order's highest
-``order_version``, is unaffected; one that lost data gets it back.
+**replay outbox** publishes retained, already published outbox rows again (chosen by when
+they were written to the outbox, ``created_at``), straight to the broker with its own
+producer (the outbox table is only read): same key, value bytes and headers, so the same
+``event_id``s, in id order, which is per-order publication order. Nothing is re-queued
+through the relay, so live traffic is neither delayed behind a replay nor interleaved
+with copies inside the outbox. On the topic, replayed messages interleave with live ones:
+an order may show version 3 (replayed) after version 5 (live). A subscriber that drops
+repeated ``event_id``s, or keeps each order's highest ``order_version``, is unaffected;
+one that lost data gets it back.
 
 **replay topic** re-reads a range of the inbound topic and runs it through the consumer's
 normal path (:class:`consumer.intake.OrderConsumer` and ``apply_batch``) under a separate
@@ -57,7 +58,7 @@ from orderflow.tools.ranges import (
     stop_client,
     topic_partitions,
 )
-from outbox.models import OutboxRecord
+from outbox.models import OutboxPending, OutboxRecord
 
 log = logging.getLogger("orderflow.replay")
 
@@ -72,7 +73,7 @@ PROGRESS_INTERVAL_SECONDS: Final = 0.2
 
 @dataclass(frozen=True, slots=True)
 class OutboxReplayRequest:
-    #: Outbox messages published at or after this instant...
+    #: Published outbox messages written at or after this instant...
     since: datetime
     #: ... and before this one (``None``: up to now).
     until: datetime | None
@@ -89,20 +90,25 @@ class OutboxReplayRequest:
 @dataclass(slots=True)
 class OutboxReplayOutcome:
     matched: int
-    #: When the oldest retained published message was published (None: none retained).
+    #: When the oldest retained published message was written (None: none retained).
     oldest_retained: datetime | None
     published: int = 0
     interrupted: bool = False
 
 
+def _published() -> ColumnElement[bool]:
+    """The message was published: its id is no longer pending."""
+    return ~select(OutboxPending.id).where(OutboxPending.id == OutboxRecord.id).exists()
+
+
 def _outbox_conditions(request: OutboxReplayRequest) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [
         OutboxRecord.topic == request.topic,
-        OutboxRecord.published_at.is_not(None),
-        OutboxRecord.published_at >= request.since,
+        OutboxRecord.created_at >= request.since,
+        _published(),
     ]
     if request.until is not None:
-        conditions.append(OutboxRecord.published_at < request.until)
+        conditions.append(OutboxRecord.created_at < request.until)
     if request.order_ids:
         conditions.append(
             OutboxRecord.key.in_([str(order_id).encode() for order_id in request.order_ids])
@@ -135,8 +141,8 @@ async def replay_outbox(
         )
         oldest = (
             await session.execute(
-                select(func.min(OutboxRecord.published_at)).where(
-                    OutboxRecord.topic == request.topic, OutboxRecord.published_at.is_not(None)
+                select(func.min(OutboxRecord.created_at)).where(
+                    OutboxRecord.topic == request.topic, _published()
                 )
             )
         ).scalar_one_or_none()

@@ -21,7 +21,7 @@ from orderflow.devstand.embedded import EmbeddedKafka, free_port
 from orderflow.runtime.settings import Settings
 from orderflow.runtime.topics import ensure_topics
 from outbox import OutboxMessage, add_messages
-from outbox.models import OutboxRecord
+from outbox.models import OutboxPending, OutboxRecord
 from tests.e2e.processes import Launcher, Process
 from tests.e2e.test_chaos import (
     BUSY,
@@ -90,8 +90,8 @@ async def unpublished(env: TestEnv) -> tuple[int, int]:
         total, waiting = (
             await session.execute(
                 select(
-                    func.count(),
-                    func.count().filter(OutboxRecord.published_at.is_(None)),
+                    select(func.count()).select_from(OutboxRecord).scalar_subquery(),
+                    select(func.count()).select_from(OutboxPending).scalar_subquery(),
                 )
             )
         ).one()

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from orderflow.tools.samples import SampleStream
-from outbox.models import OutboxRecord
+from outbox.models import OutboxPending
 from tests.e2e.processes import Process, Start
 from tests.e2e.test_processes import while_running
 from tests.helpers import (
@@ -34,13 +34,7 @@ RELAY_BATCH = 40
 async def unpublished(env: TestEnv) -> int:
     async with env.sessions() as session:
         return int(
-            (
-                await session.execute(
-                    select(func.count())
-                    .select_from(OutboxRecord)
-                    .where(OutboxRecord.published_at.is_(None))
-                )
-            ).scalar_one()
+            (await session.execute(select(func.count()).select_from(OutboxPending))).scalar_one()
         )
 
 

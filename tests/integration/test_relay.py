@@ -41,7 +41,9 @@ from tests.helpers import (
     eventually,
     expected_outcome,
     header_map,
+    mark_published,
     outbox_rows,
+    pending_ids,
     produce,
     read_topic,
     running_consumer,
@@ -133,9 +135,8 @@ def message(topic: str, name: str) -> OutboxMessage:
 
 async def wait_all_published(env: TestEnv, *, within: float = 30.0) -> None:
     async def check() -> None:
-        rows = await outbox_rows(env.sessions)
-        assert rows, "no outbox rows"
-        assert [row.id for row in rows if row.published_at is None] == []
+        assert await outbox_rows(env.sessions), "no outbox rows"
+        assert await pending_ids(env.sessions) == []
 
     await eventually(check, within=within)
 
@@ -330,7 +331,7 @@ async def test_every_row_is_published_once_and_marked_after_publishing(env: Test
 
         await eventually(all_applied)
     rows = await outbox_rows(env.sessions)
-    assert all(row.published_at is None for row in rows)
+    assert await pending_ids(env.sessions) == [row.id for row in rows]
 
     async with running_relay(env.settings) as relay:
         await wait_all_published(env)
@@ -349,7 +350,7 @@ async def test_every_row_is_published_once_and_marked_after_publishing(env: Test
     assert len(set(update_ids)) == len(update_ids)
     published = await outbox_rows(env.sessions)
     assert [row.id for row in published] == [row.id for row in rows]
-    assert all(row.published_at is not None for row in published)
+    assert await pending_ids(env.sessions) == []
 
 
 class FailingAcks:
@@ -423,8 +424,8 @@ async def test_a_batch_the_broker_does_not_ack_stays_unpublished_and_is_retried(
             assert running.relay.stats.failures >= 2
 
         await eventually(retried)
-        rows = await outbox_rows(env.sessions)
-        assert [(row.id, row.published_at) for row in rows] == [(i, None) for i in ids]
+        assert [row.id for row in await outbox_rows(env.sessions)] == ids
+        assert await pending_ids(env.sessions) == ids
         assert running.relay.stats.published == 0
 
         wrappers[0].healthy = True
@@ -443,7 +444,7 @@ async def test_a_producer_that_can_never_send_again_ends_the_run_and_frees_the_s
     env: TestEnv,
 ) -> None:
     """A relay that only retried would hold its shards for ever and publish nothing."""
-    await insert_messages(env, [message(env.settings.outbound_topic, "stuck")])
+    ids = await insert_messages(env, [message(env.settings.outbound_topic, "stuck")])
     engine = create_engine(env.settings, pool_size=1)
     kafka = create_producer(env.settings)
     await kafka.start()
@@ -454,7 +455,8 @@ async def test_a_producer_that_can_never_send_again_ends_the_run_and_frees_the_s
             await asyncio.wait_for(relay.run(asyncio.Event()), timeout=15)
         assert relay.owned_shards == frozenset()
         assert await advisory_shard_locks(env) == []
-        assert [row.published_at for row in await outbox_rows(env.sessions)] == [None]
+        assert [row.id for row in await outbox_rows(env.sessions)] == ids
+        assert await pending_ids(env.sessions) == ids
     finally:
         await kafka.stop()
         await engine.dispose()
@@ -755,21 +757,11 @@ async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
     old = await insert_messages(env, [message(topic, f"old{i}") for i in range(11)])
     recent = await insert_messages(env, [message(topic, f"recent{i}") for i in range(3)])
     held = await insert_messages(env, [OutboxMessage(topic, held_key, b"{}", ()) for _ in range(3)])
+    # Retention counts from when a message was written: published and written two days
+    # ago (past the retention), or ten minutes ago (not yet).
+    await mark_published(env.sessions, old, written_ago=timedelta(days=2))
+    await mark_published(env.sessions, recent, written_ago=timedelta(minutes=10))
     async with env.engine.begin() as connection:
-        await connection.execute(
-            text(
-                "UPDATE outbox_messages SET published_at = now() - interval '2 days' "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": old},
-        )
-        await connection.execute(
-            text(
-                "UPDATE outbox_messages SET published_at = now() - interval '10 minutes' "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": recent},
-        )
         # Unpublished but old: must never be pruned, whatever its age.
         await connection.execute(
             text(
@@ -801,9 +793,8 @@ async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
 
             await eventually(counted)
             assert running.relay.owned_shards == ALL_SHARDS - {shard_of(held_key)}
-            rows = {row.id: row for row in await outbox_rows(env.sessions)}
-            assert all(rows[i].published_at is None for i in held)
-            assert all(rows[i].published_at is not None for i in recent)
+            # The held rows are still unpublished, the recent ones still published.
+            assert await pending_ids(env.sessions) == held
     finally:
         await holder.close()
 
@@ -814,14 +805,7 @@ async def test_publishing_goes_on_while_a_long_history_is_pruned(env: TestEnv) -
     relay that pruned until done would publish nothing meanwhile)."""
     topic = env.settings.outbound_topic
     old = await insert_messages(env, [message(topic, f"old{i}") for i in range(3000)])
-    async with env.engine.begin() as connection:
-        await connection.execute(
-            text(
-                "UPDATE outbox_messages SET published_at = now() - interval '8 days' "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": old},
-        )
+    await mark_published(env.sessions, old, written_ago=timedelta(days=8))
     config = RelayConfig(retention=timedelta(days=7), prune_batch=50, claim_interval=0.2)
     async with direct_relay(env, config) as running:
 
@@ -832,8 +816,9 @@ async def test_publishing_goes_on_while_a_long_history_is_pruned(env: TestEnv) -
         [fresh] = await insert_messages(env, [message(topic, "fresh")])
 
         async def published() -> int:
-            rows = {row.id: row for row in await outbox_rows(env.sessions)}
-            assert rows[fresh].published_at is not None
+            rows = {row.id for row in await outbox_rows(env.sessions)}
+            assert fresh in rows
+            assert fresh not in await pending_ids(env.sessions)
             return sum(1 for i in old if i in rows)
 
         left = await eventually(published)

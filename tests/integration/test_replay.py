@@ -27,6 +27,7 @@ from orderflow.tools.replay import (
     replay_outbox,
     replay_topic,
 )
+from outbox import OutboxMessage, add_messages
 from tests.events import Message, paid, placed, shipped
 from tests.helpers import (
     TestEnv,
@@ -35,8 +36,10 @@ from tests.helpers import (
     eventually,
     header_map,
     invoke_cli,
+    mark_published,
     orders_by_id,
     outbox_rows,
+    pending_ids,
     produce,
     read_topic,
     running_consumer,
@@ -73,14 +76,24 @@ async def test_replay_outbox_republishes_the_same_messages_in_order_with_filters
     await apply_directly(env, [placed(first), placed(second), paid(first), shipped(first)])
     rows = await outbox_rows(env.sessions, env.settings.outbound_topic)
     assert len(rows) == 4
+    # All four published, written at these moments; a fifth message, written now too, is
+    # still unpublished: no window replays it.
     now = datetime.now(UTC)
-    published_at = [now - timedelta(hours=3), now - timedelta(minutes=50), now, now]
+    written_at = [now - timedelta(hours=3), now - timedelta(minutes=50), now, now]
     async with env.sessions() as session, session.begin():
-        for row, moment in zip(rows, published_at, strict=True):
+        for row, moment in zip(rows, written_at, strict=True):
             await session.execute(
-                text("UPDATE outbox_messages SET published_at = :at WHERE id = :id"),
+                text("UPDATE outbox_messages SET created_at = :at WHERE id = :id"),
                 {"at": moment, "id": row.id},
             )
+    await mark_published(env.sessions, [row.id for row in rows])
+    async with env.sessions() as session, session.begin():
+        await add_messages(
+            session,
+            [OutboxMessage(env.settings.outbound_topic, str(first).encode(), b'{"pending": 1}')],
+        )
+    [waiting] = await pending_ids(env.sessions)
+    assert waiting not in {row.id for row in rows}
 
     producer = create_producer(env.settings)
     await producer.start()

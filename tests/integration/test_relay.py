@@ -799,6 +799,27 @@ async def test_published_rows_past_the_retention_are_pruned_and_nothing_else(
         await holder.close()
 
 
+async def test_throughput_counts_older_than_an_hour_are_pruned(env: TestEnv) -> None:
+    """The per-second counts behind ``outbox stats`` would grow by a row per relay and
+    second for ever."""
+    async with env.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO outbox_throughput (second, relay, topic, published) VALUES "
+                "(date_trunc('second', now() - interval '61 minutes'), 1, 't', 5), "
+                "(date_trunc('second', now() - interval '59 minutes'), 1, 't', 7)"
+            )
+        )
+    async with direct_relay(env, RelayConfig(prune_interval=0.2)):
+
+        async def pruned() -> None:
+            async with env.engine.connect() as connection:
+                kept = await connection.execute(text("SELECT published FROM outbox_throughput"))
+                assert list(kept.scalars()) == [7]
+
+        await eventually(pruned)
+
+
 async def test_publishing_goes_on_while_a_long_history_is_pruned(env: TestEnv) -> None:
     """History past its retention goes a batch a round, with publishing in between: a
     message committed while the pruning has far to go is published before it ends (a

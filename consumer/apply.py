@@ -21,10 +21,10 @@ The order of work inside the transaction is deliberate:
    applied, parked, skipped as a duplicate, or rejected *before* anything is written, so
    a rejected event changes nothing; after each applied event, its order's parked events
    that now apply are applied too;
-4. write: customers (one upsert), then in one statement the new orders and their lines,
-   the changed orders (by key: their rows are locked), the inbox rows and the outbox rows
-   (updates and dead letters, in offset order), and the parked events that left or
-   arrived.
+4. write, in one statement: the customers of the new orders (an upsert by email), the new
+   orders (each taking its customer's id from that upsert) and their lines, the changed
+   orders (by key: their rows are locked), the inbox rows and the outbox rows (updates
+   and dead letters, in offset order); then the parked events that left or arrived.
 
 Because the order rows are locked before their outbox rows are inserted, outbox id order
 is commit order for every order: what the relay needs to publish each order in sequence.
@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Row, Table, Text, any_, bindparam, func, select, text
+from sqlalchemy import Row, Table, any_, bindparam, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from consumer.bulk import bulk_connection, execute_bulk
+from consumer.bulk import bulk_connection
 from consumer.errors import DeadLetterReason, RejectedEvent
 from consumer.events import MAX_EVENT_BYTES, InboundEvent, OrderPlaced, decode_event
 from consumer.messages import InboundMessage, TraceHeaders, dead_letter
@@ -69,7 +68,7 @@ from consumer.state_machine import (
 from consumer.tracing import NO_TRACING, BatchTrace, Tracing
 from consumer.updates import UPDATE_EVENT_TYPE, build_update, update_event_id
 from outbox import OutboxMessage, add_messages
-from outbox.bulk import TableRows
+from outbox.bulk import Lookup, TableRows, Upsert
 
 CONTENT_TYPE: Final = "application/json"
 _INBOX: Final = cast(Table, ProcessedEvent.__table__)
@@ -88,6 +87,10 @@ _ORDER_COLUMNS: Final = (
 _ORDER_CHANGE_COLUMNS: Final = ("id", "status", "version", "updated_at")
 _LINES: Final = cast(Table, OrderLine.__table__)
 _LINE_COLUMNS: Final = ("order_id", "position", "sku", "quantity", "unit_price")
+_CUSTOMERS: Final = cast(Table, Customer.__table__)
+_CUSTOMER_COLUMNS: Final = ("id", "email", "name")
+#: A known email keeps its customer (and id); the name is the latest placed order's.
+_CUSTOMER_UPSERT: Final = Upsert(key=("email",), update=("name", "updated_at"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +289,7 @@ async def _apply(
 
         written: list[TableRows] = []
         if batch.applied:
-            written = await _order_rows(session, orders, batch.states, batch.applied)
+            written = _order_rows(orders, batch.states, batch.applied)
             written.append(
                 TableRows(
                     _INBOX,
@@ -504,31 +507,6 @@ _LOCK_ORDERS: Final = (
 )
 
 
-# Customers of a batch's OrderPlaced events, one row per email, from three arrays: one
-# cached statement whatever the count (a multi-row VALUES is compiled anew every time).
-_NEW_CUSTOMERS = (
-    func.unnest(
-        bindparam("ids", type_=ARRAY(PG_UUID(as_uuid=True))),
-        bindparam("emails", type_=ARRAY(Text)),
-        bindparam("names", type_=ARRAY(Text)),
-    )
-    .table_valued("id", "email", "name")
-    .render_derived(name="new_customers")
-)
-_CUSTOMERS = cast(Table, Customer.__table__)  # Core: no ORM bulk-insert handling needed
-_INSERT_CUSTOMERS = pg_insert(_CUSTOMERS).from_select(
-    ["id", "email", "name"],
-    select(_NEW_CUSTOMERS.c.id, _NEW_CUSTOMERS.c.email, _NEW_CUSTOMERS.c.name),
-)
-_UPSERT_CUSTOMERS: Final = _INSERT_CUSTOMERS.on_conflict_do_update(
-    index_elements=[_CUSTOMERS.c.email],
-    set_={
-        "name": _INSERT_CUSTOMERS.excluded.name,
-        "updated_at": _INSERT_CUSTOMERS.excluded.updated_at,
-    },
-).returning(_CUSTOMERS.c.id, _CUSTOMERS.c.email)
-
-
 async def _lock_orders(
     session: AsyncSession, order_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, OrderState]:
@@ -566,32 +544,25 @@ async def _lock_orders(
     return states
 
 
-async def _order_rows(
-    session: AsyncSession,
+def _order_rows(
     orders: Mapping[uuid.UUID, OrderState],
     states: dict[uuid.UUID, OrderState | None],
     applied: list[tuple[InboundMessage, InboundEvent]],
 ) -> list[TableRows]:
-    """Upsert the customers of the batch's new orders; return the rows to write for its
-    orders: new orders, their lines, and the changed orders (updated by key)."""
+    """The rows to write for the batch's orders: the customers of its new orders (upserted
+    by email), the new orders (their customer's id taken from that upsert, in the same
+    statement), their lines, and the changed orders (updated by key)."""
     placed: dict[str, str] = {}
     for _, event in applied:
         if isinstance(event.payload, OrderPlaced):
             placed[event.payload.customer.email] = event.payload.customer.name
-    customer_ids: dict[str, uuid.UUID] = {}
-    if placed:
-        # Sorted, so that two partitions upserting the same customers lock them in one order.
-        emails = sorted(placed)
-        rows = await execute_bulk(
-            session,
-            _UPSERT_CUSTOMERS,
-            {
-                "ids": [uuid.uuid4() for _ in emails],
-                "emails": emails,
-                "names": [placed[email] for email in emails],
-            },
-        )
-        customer_ids = {email: customer_id for customer_id, email in rows}
+    # Sorted, so that two partitions upserting the same customers lock them in one order.
+    customers = TableRows(
+        _CUSTOMERS,
+        _CUSTOMER_COLUMNS,
+        [(uuid.uuid4(), email, placed[email]) for email in sorted(placed)],
+        upsert=_CUSTOMER_UPSERT,
+    )
 
     new_orders: list[tuple[object, ...]] = []
     new_lines: list[tuple[object, ...]] = []
@@ -605,7 +576,7 @@ async def _order_rows(
         new_orders.append(
             (
                 order_id,
-                customer_ids[state.customer_email],
+                state.customer_email,  # -> the customer's id (see the lookup)
                 state.status.value,
                 state.currency,
                 state.total,
@@ -620,7 +591,13 @@ async def _order_rows(
         )
     # The changed rows are locked (FOR UPDATE) by this transaction.
     return [
-        TableRows(_ORDERS, _ORDER_COLUMNS, new_orders),
+        customers,
+        TableRows(
+            _ORDERS,
+            _ORDER_COLUMNS,
+            new_orders,
+            lookups=(Lookup("customer_id", customers, by="email", take="id"),),
+        ),
         TableRows(_LINES, _LINE_COLUMNS, new_lines),
         TableRows(_ORDERS, _ORDER_CHANGE_COLUMNS, changed, update_key=("id",)),
     ]

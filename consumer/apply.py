@@ -573,6 +573,9 @@ def _order_rows(
         if order_id in orders:
             changed.append((order_id, state.status.value, state.version, state.updated_at))
             continue
+        if state.customer_email not in placed:
+            # It would be left without a customer, and the write refused as bad data.
+            raise RuntimeError(f"order {order_id} is new but no OrderPlaced of it applied")
         new_orders.append(
             (
                 order_id,

@@ -76,11 +76,12 @@ class TableRows:
             raise ValueError("an update (update_key) is neither an upsert nor takes lookups")
         if self.upsert is not None and not (
             self.upsert.key
+            and self.upsert.update
             and set(self.upsert.key) <= set(self.columns)
             and set(self.upsert.update) <= set(self.table.c.keys()) - set(self.upsert.key)
         ):
             raise ValueError(
-                "an upsert's key must be given columns, its update other columns of the table"
+                "an upsert's key must be given columns, its update one or more other columns"
             )
         for lookup in self.lookups:
             if lookup.column not in self.columns:
@@ -98,6 +99,8 @@ async def insert_rows(session: AsyncSession, *groups: TableRows) -> None:
     if not groups:
         return
     sources = _lookup_sources(groups)
+    # Updates and upserts change rows the session may hold changes to: those go first.
+    await session.flush()
     connection = await session.connection()
     if connection.dialect.driver != "asyncpg":
         if any(group.upsert is not None or group.lookups for group in groups):

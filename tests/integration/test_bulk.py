@@ -185,7 +185,8 @@ async def test_a_lookup_without_its_source_rows_is_refused(env: TestEnv) -> None
     [
         (Upsert(key=("ref",), update=("name",)), "upsert's key"),
         (Upsert(key=("email",), update=("email",)), "upsert's key"),
-        (Upsert(key=("email",), update=("nothing",)), "upsert's key"),
+        (Upsert(key=("email",), update=("nothing",)), "upsert.s key"),
+        (Upsert(key=("email",), update=()), "upsert.s key"),
     ],
 )
 def test_an_upsert_names_a_given_key_and_other_columns(upsert: Upsert, match: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload
 
 from consumer.apply import (
@@ -393,6 +394,88 @@ async def test_an_order_placed_while_its_batch_waits_for_the_lock_is_seen(env: T
     outcome = await batch
     assert (outcome.applied, outcome.dead_lettered) == (1, 0)
     assert (await orders_by_id(env.sessions))[order_id].status == "paid"
+
+
+@pytest.mark.parametrize("first_commits", [True, False], ids=["commits", "rolls-back"])
+async def test_a_customer_another_transaction_writes_meanwhile_is_the_one_referenced(
+    env: TestEnv, first_commits: bool
+) -> None:
+    """Two transactions write the same new customer (two partitions place orders by one
+    email): the batch's write waits for the other's row, then references what is there
+    once it ends (the upsert's own answer, not the table read under a snapshot taken
+    before the wait)."""
+    email, first_id, order_id = "new@example.com", uuid.uuid4(), uuid.uuid4()
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    async with env.sessions() as first:
+        transaction = await first.begin()
+        first.add(Customer(id=first_id, email=email, name="First"))
+        await first.flush()
+        batch = asyncio.create_task(
+            apply_batch(
+                env.sessions,
+                group_id="g",
+                destinations=destinations,
+                messages=[
+                    InboundMessage(
+                        env.settings.inbound_topic, 0, 0, *placed(order_id, email=email, name="B")
+                    )
+                ],
+                expected_offset=None,
+                now=datetime.now(UTC),
+            )
+        )
+        await lock_waits(env, "transactionid", 1)
+        await (transaction.commit() if first_commits else transaction.rollback())
+    outcome = await batch
+    assert (outcome.applied, outcome.dead_lettered) == (1, 0)
+    async with env.sessions() as session:
+        customer = await session.scalar(select(Customer).where(Customer.email == email))
+        order = await session.get_one(Order, order_id)
+    assert customer is not None
+    assert customer.name == "B"
+    assert (customer.id == first_id) is first_commits
+    assert order.customer_id == customer.id
+
+
+async def test_a_batch_locks_its_customers_in_email_order(env: TestEnv) -> None:
+    """Two partitions' batches upsert customers they share in one order (by email, not by
+    the events' order): one holding "b" and waiting for "a" while the other holds "a"
+    and waits for "b" would deadlock."""
+    async with env.sessions() as session, session.begin():
+        session.add_all(
+            [Customer(email="a@example.com", name="A"), Customer(email="b@example.com", name="B")]
+        )
+    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
+    later, earlier = uuid.uuid4(), uuid.uuid4()
+    async with env.sessions() as holder, holder.begin():
+        await holder.execute(text("UPDATE customers SET name = 'B.' WHERE email = 'b@example.com'"))
+        batch = asyncio.create_task(
+            apply_batch(
+                env.sessions,
+                group_id="g",
+                destinations=destinations,
+                # "b" first in the stream.
+                messages=[
+                    InboundMessage(
+                        env.settings.inbound_topic, 0, 0, *placed(later, email="b@example.com")
+                    ),
+                    InboundMessage(
+                        env.settings.inbound_topic, 0, 1, *placed(earlier, email="a@example.com")
+                    ),
+                ],
+                expected_offset=None,
+                now=datetime.now(UTC),
+            )
+        )
+        await lock_waits(env, "transactionid", 1)  # the batch, for "b"
+        async with env.sessions() as probe:
+            with pytest.raises(DBAPIError, match="could not obtain lock"):
+                # "a" is already the batch's.
+                await probe.execute(
+                    text("SELECT 1 FROM customers WHERE email = 'a@example.com' FOR UPDATE NOWAIT")
+                )
+    outcome = await batch
+    assert (outcome.applied, outcome.dead_lettered) == (2, 0)
 
 
 async def test_an_order_changed_while_its_batch_waits_for_the_lock_is_read_as_changed(

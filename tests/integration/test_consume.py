@@ -405,24 +405,12 @@ async def test_a_customer_another_transaction_writes_meanwhile_is_the_one_refere
     once it ends (the upsert's own answer, not the table read under a snapshot taken
     before the wait)."""
     email, first_id, order_id = "new@example.com", uuid.uuid4(), uuid.uuid4()
-    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
     async with env.sessions() as first:
         transaction = await first.begin()
         first.add(Customer(id=first_id, email=email, name="First"))
         await first.flush()
         batch = asyncio.create_task(
-            apply_batch(
-                env.sessions,
-                group_id="g",
-                destinations=destinations,
-                messages=[
-                    InboundMessage(
-                        env.settings.inbound_topic, 0, 0, *placed(order_id, email=email, name="B")
-                    )
-                ],
-                expected_offset=None,
-                now=datetime.now(UTC),
-            )
+            _apply_at(env, 0, None, placed(order_id, email=email, name="B"))
         )
         await lock_waits(env, "transactionid", 1)
         await (transaction.commit() if first_commits else transaction.rollback())
@@ -445,26 +433,16 @@ async def test_a_batch_locks_its_customers_in_email_order(env: TestEnv) -> None:
         session.add_all(
             [Customer(email="a@example.com", name="A"), Customer(email="b@example.com", name="B")]
         )
-    destinations = Destinations(env.settings.outbound_topic, env.settings.dlq_topic)
     later, earlier = uuid.uuid4(), uuid.uuid4()
     async with env.sessions() as holder, holder.begin():
         await holder.execute(text("UPDATE customers SET name = 'B.' WHERE email = 'b@example.com'"))
         batch = asyncio.create_task(
-            apply_batch(
-                env.sessions,
-                group_id="g",
-                destinations=destinations,
-                # "b" first in the stream.
-                messages=[
-                    InboundMessage(
-                        env.settings.inbound_topic, 0, 0, *placed(later, email="b@example.com")
-                    ),
-                    InboundMessage(
-                        env.settings.inbound_topic, 0, 1, *placed(earlier, email="a@example.com")
-                    ),
-                ],
-                expected_offset=None,
-                now=datetime.now(UTC),
+            _apply_at(  # "b" first in the stream
+                env,
+                0,
+                None,
+                placed(later, email="b@example.com"),
+                placed(earlier, email="a@example.com"),
             )
         )
         await lock_waits(env, "transactionid", 1)  # the batch, for "b"
